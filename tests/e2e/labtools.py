@@ -1,0 +1,74 @@
+"""Helpers for end-to-end tests on the real lab (root, netns, cgroups, BPF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from nodemesh.lab import lab
+from nodemesh.lab.topology import CGROUP_ROOT_NAME, NODE_NETNS_PREFIX, POD_NETNS_PREFIX, UNDERLAY_BRIDGE, NodeAddressing
+from nodemesh.nodeconfig import ADMIN_PORT
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="end-to-end lab tests need root")
+
+
+def cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nodemesh.cli", *args], capture_output=True, text=True, input=input, timeout=timeout)
+
+
+def leftovers() -> list[str]:
+    """Everything of ours that `lab down` must have removed."""
+    found = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    found += [f"netns {l.split()[0]}" for l in netns if l.startswith((NODE_NETNS_PREFIX, POD_NETNS_PREFIX))]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    found += [f"link {name}" for name in (UNDERLAY_BRIDGE,) if f" {name}:" in links]
+    found += [f"link {l.split(':')[1].strip()}" for l in links.splitlines() if l.split(":")[1].strip().startswith("nmu")]
+    with open("/proc/mounts", encoding="utf-8") as f:
+        cg2 = next(l.split()[1] for l in f if l.split()[2] == "cgroup2")
+    if os.path.exists(os.path.join(cg2, CGROUP_ROOT_NAME)):
+        found.append(f"cgroup {os.path.join(cg2, CGROUP_ROOT_NAME)}")
+    if os.path.exists("/sys/fs/bpf/nodemesh"):
+        found.append("pinned /sys/fs/bpf/nodemesh")
+    return found
+
+
+def pod_exec(pod: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return lab.exec_in(pod, list(argv), capture=True, timeout=timeout)
+
+
+def client_summary(pod: str, url: str, count: int, new_connection: bool = True) -> dict[str, Any]:
+    args = ["nodemesh", "sample-client", url, "--count", str(count)] + (["--new-connection"] if new_connection else [])
+    proc = pod_exec(pod, *args)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+def metrics(node: str) -> str:
+    state = lab.require_up()
+    addr = NodeAddressing(name=node, index=int(state.nodes[node]["index"]))
+    status, body = lab.http_get(addr.underlay_ip, ADMIN_PORT, "/metrics")
+    assert status == 200
+    return body.decode()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

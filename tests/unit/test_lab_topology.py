@@ -1,0 +1,70 @@
+import pytest
+
+from nodemesh.errors import ConfigError
+from nodemesh.lab.lab import _place
+from nodemesh.lab.state import LabState
+from nodemesh.lab.topology import NodeAddressing, PodAddressing, next_free
+from nodemesh.model import ClusterState, parse_documents
+
+LAB = """
+apiVersion: v1
+kind: Node
+metadata: {name: b}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: a}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p1}
+spec: {nodeName: a}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p2}
+spec: {nodeName: a}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p3}
+spec: {nodeName: b}
+"""
+
+
+def test_addressing() -> None:
+    n = NodeAddressing("node1", 1)
+    assert (n.netns, n.underlay_ip, n.pod_cidr, n.gateway_ip, n.underlay_veth) == ("nmnode-node1", "172.31.255.11", "10.244.1.0/24", "10.244.1.1", "nmu1")
+    p = PodAddressing("demo", "client", n, 4)
+    assert (p.ip, p.netns, p.node_veth, p.cgroup_name) == ("10.244.1.4", "nmpod-demo-client", "veth4", "demo_client")
+
+
+def test_place_assigns_in_file_order_and_fills_addresses() -> None:
+    state = LabState()
+    placed = _place(state, parse_documents(LAB, "lab.yaml"), "lab.yaml")
+    cluster = ClusterState().apply(placed)
+    assert state.nodes == {"b": {"index": 1}, "a": {"index": 2}}
+    ips = {p.name: p.pod_ip for p in cluster.pods}
+    assert ips == {"p1": "10.244.2.2", "p2": "10.244.2.3", "p3": "10.244.1.2"}
+    assert {n.name: n.internal_ip for n in cluster.nodes} == {"a": "172.31.255.12", "b": "172.31.255.11"}
+
+
+def test_place_is_stable_across_applies() -> None:
+    state = LabState()
+    _place(state, parse_documents(LAB, "lab.yaml"), "lab.yaml")
+    again = _place(state, parse_documents(LAB, "lab.yaml"), "lab.yaml")
+    assert {o.name: getattr(o, "pod_ip", None) for o in again}["p2"] == "10.244.2.3"
+
+
+def test_place_rejects_foreign_pod_ip_and_unknown_node() -> None:
+    doc = "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {nodeName: a}\nstatus: {podIP: 10.9.9.9}\n"
+    with pytest.raises(ConfigError, match="status.podIP"):
+        _place(LabState(), parse_documents(doc, "x.yaml"), "x.yaml")
+    with pytest.raises(ConfigError, match="spec.nodeName"):
+        _place(LabState(), parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {nodeName: zz}\n", "x.yaml"), "x.yaml")
+
+
+def test_next_free() -> None:
+    assert next_free({2, 3}, 2, 10, "pod") == 4
+    with pytest.raises(ValueError, match="no free pod"):
+        next_free({2}, 2, 2, "pod")
