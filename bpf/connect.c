@@ -1,0 +1,57 @@
+/* cgroup/connect4 (DESIGN.md data path step 2): redirect TCP connects to meshed
+ * destinations to the node proxy, remembering the original destination by
+ * socket cookie (the source port is not known yet; sockops.c re-keys it).
+ * Attached to the node's cgroup, so it runs for every pod cgroup below it,
+ * whatever netns the socket lives in. Always allows the connect. */
+#include "include/maps.h"
+
+int nm_connect4(struct bpf_sock_addr *ctx)
+{
+    /* SOCK_STREAM is not defined in the bcc compile environment: 1 is TCP. */
+    if (ctx->type != 1)
+        return 1;
+
+    struct nm_addr4 dst = {};
+    dst.ip4 = ctx->user_ip4;
+    dst.port = (__u16)ctx->user_port;
+
+    /* Exact (ip, port) first, then (ip, 0) = every port of that IP. Map calls
+     * are assigned before testing: bcc may fail to compile them inside an if. */
+    __u32 *meshed = meshed_dsts.lookup(&dst);
+    if (!meshed) {
+        struct nm_addr4 any = {};
+        any.ip4 = dst.ip4;
+        meshed = meshed_dsts.lookup(&any);
+        if (!meshed)
+            return 1;
+    }
+
+    int zero = 0;
+    struct nm_addr4 *proxy = proxy_addr.lookup(&zero);
+    if (!proxy || proxy->ip4 == 0 || proxy->port == 0)
+        return 1;   /* agent has not configured the proxy yet: pass untouched */
+    if (proxy->ip4 == dst.ip4 && proxy->port == dst.port)
+        return 1;   /* already aimed at the proxy: never record the proxy as a destination */
+
+    /* The proxy's own upstream connects must not loop back into it. */
+    __u64 cgid = bpf_get_current_cgroup_id();
+    __u32 *exempt = exempt_cgroups.lookup(&cgid);
+    if (exempt) {
+        int idx = NM_CNT_EXEMPT;
+        __u64 *cnt = nm_counters.lookup(&idx);
+        if (cnt)
+            *cnt += 1;
+        return 1;
+    }
+
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    orig_dst_by_cookie.update(&cookie, &dst);
+
+    ctx->user_ip4 = proxy->ip4;
+    ctx->user_port = (__u32)proxy->port;
+    int idx = NM_CNT_REDIRECTED;
+    __u64 *cnt = nm_counters.lookup(&idx);
+    if (cnt)
+        *cnt += 1;
+    return 1;
+}
