@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 
 import h11
 
@@ -21,10 +22,17 @@ _READ_SIZE = 64 * 1024
 _TEXT = "text/plain; charset=utf-8"
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 def _response(conn: h11.Connection, status: int, ctype: str, body: bytes, head_only: bool = False,
               extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     headers = [("content-type", ctype), ("content-length", str(len(body))), *extra]
-    out = conn.send(h11.Response(status_code=status, headers=headers))
+    out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
     if not head_only:
         out += conn.send(h11.Data(data=body))
     return out + conn.send(h11.EndOfMessage())

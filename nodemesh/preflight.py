@@ -12,6 +12,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 
+from nodemesh.cgroups import cgroup2_mount
 from nodemesh.errors import PreflightError
 
 Check = Callable[[], "str | None"]
@@ -27,20 +28,11 @@ def check_root(euid: int | None = None) -> str | None:
     return None
 
 
-def find_cgroup2(mounts_text: str) -> str | None:
-    for line in mounts_text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            return parts[1]
-    return None
-
-
 def check_cgroup2(mounts_text: str | None = None) -> str | None:
-    if mounts_text is None:
-        with open("/proc/mounts", encoding="utf-8") as f:
-            mounts_text = f.read()
-    if find_cgroup2(mounts_text) is None:
-        return "no cgroup v2 hierarchy is mounted: mount one with `mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified` (or boot with systemd.unified_cgroup_hierarchy=1)."
+    try:
+        cgroup2_mount(mounts_text)
+    except PreflightError as exc:
+        return f"{exc}."
     return None
 
 
