@@ -165,17 +165,18 @@ def agent() -> None:
 @click.option("--cgroup", "cgroup_path", required=True, help="Node cgroup v2 path to attach the redirect to.")
 @click.option("--agent-cgroup", "agent_cgroup_path", required=True, help="The agent's own cgroup (never redirected).")
 @click.option("--proxy-ip", required=True, help="Address pods are redirected to (the node proxy).")
+@click.option("--inbound-ip", default="0.0.0.0", show_default=True, help="Address of the inbound listener (other nodes dial the node's internal IP).")
 @click.option("--admin", type=HostPort(), default="0.0.0.0:4191", show_default=True)
 @click.option("--no-bpf", is_flag=True, help="Run the proxy without the eBPF redirect (debugging only).")
 @friendly_errors
 def agent_run(node: str, controller_addr: tuple[str, int], token_file: str, cgroup_path: str, agent_cgroup_path: str,
-              proxy_ip: str, admin: tuple[str, int], no_bpf: bool) -> None:
+              proxy_ip: str, inbound_ip: str, admin: tuple[str, int], no_bpf: bool) -> None:
     """Run the node agent: BPF redirect, node proxy, config stream, admin."""
     from nodemesh.agent.config import AgentConfig
     from nodemesh.agent.main import run
 
     run(AgentConfig(node=node, controller=controller_addr, token_file=token_file, cgroup_path=cgroup_path,
-                    agent_cgroup_path=agent_cgroup_path, proxy_ip=proxy_ip, admin=admin, bpf=not no_bpf))
+                    agent_cgroup_path=agent_cgroup_path, proxy_ip=proxy_ip, inbound_ip=inbound_ip, admin=admin, bpf=not no_bpf))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,22 +194,14 @@ def demo(keep: bool, count: int) -> None:
     sys.exit(run_demo(keep=keep, count=count))
 
 
-@cli.command("sample-server", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def sample_server(args: tuple[str, ...]) -> None:
-    """The lab's sample HTTP server (answers JSON with its pod and node)."""
-    from nodemesh.sample_server import main as server_main
+def _add_samples() -> None:
+    from nodemesh import sample_client, sample_server
 
-    sys.exit(server_main(list(args)))
+    cli.add_command(sample_server.command)
+    cli.add_command(sample_client.command)
 
 
-@cli.command("sample-client", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def sample_client(args: tuple[str, ...]) -> None:
-    """Send requests and print a JSON summary (responses per pod and node, latency)."""
-    from nodemesh.sample_client import main as client_main
-
-    sys.exit(client_main(list(args)))
+_add_samples()
 
 
 def main() -> None:

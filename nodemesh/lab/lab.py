@@ -171,6 +171,7 @@ def _start_agent(state: LabState, name: str) -> None:
         "--cgroup", node_cg,
         "--agent-cgroup", agent_cg,
         "--proxy-ip", node.gateway_ip,
+        "--inbound-ip", node.underlay_ip,
         "--admin", f"0.0.0.0:{ADMIN_PORT}",
     )
     _start(state, f"agent/{name}", "agent", argv, node.netns, agent_cg)

@@ -34,7 +34,7 @@ def venv_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def command_in(netns: str | None, argv: Sequence[str]) -> list[str]:
-    return (["nsenter", f"--net={NETNS_DIR}/{netns}", "--"] if netns else []) + list(argv)
+    return (["nsenter", f"--net={NETNS_DIR}/{netns}"] if netns else []) + list(argv)
 
 
 def spawn(

@@ -1,0 +1,139 @@
+"""The agent process: BPF redirect programs + node proxy + config stream + admin server.
+
+Start order matters: BPF is attached before the listeners accept (a redirected connect must find
+a listener, and a failed attach must stop the agent before it pretends to be ready); the config
+stream starts after the listeners, because applying a config is what makes BPF redirect anything.
+Shutdown (SIGTERM/SIGINT): stop accepting, detach BPF, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.metrics import CONTENT_TYPE
+from nodemesh.agent.proxy import NodeProxy
+from nodemesh.errors import NodemeshError, PreflightError
+
+log = logging.getLogger("nodemesh.agent")
+
+Response = tuple[int, str, bytes]
+
+
+class AgentStartError(PreflightError):
+    """The agent cannot start (token unreadable, BPF cannot attach, a port is taken)."""
+
+
+class AgentFailed(NodemeshError):
+    """The agent stopped serving because a part it cannot run without failed."""
+
+
+def readiness(bpf_attached: bool, listening: bool, config_applied: bool, stream_error: str | None) -> Response:
+    """/ready: 200 only when traffic can flow; otherwise 503 and the first missing piece, one line."""
+    if not bpf_attached:
+        reason = "BPF redirect programs are not attached"
+    elif not listening:
+        reason = "proxy listeners are not up"
+    elif not config_applied:
+        reason = "no config from the controller yet" + (f" (last error: {stream_error})" if stream_error else "")
+    else:
+        return 200, "text/plain; charset=utf-8", b"ready\n"
+    return 503, "text/plain; charset=utf-8", (reason + "\n").encode()
+
+
+def _read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise AgentStartError(f"cannot read the node token from {path}: {exc.strerror or exc}; check AgentConfig.token_file") from None
+    if not token:
+        raise AgentStartError(f"the node token file {path} is empty")
+    return token
+
+
+async def serve(cfg: AgentConfig) -> None:
+    """Run the agent until SIGTERM/SIGINT. Raises AgentStartError / AgentFailed (NodemeshError)."""
+    # Imported here: the loader pulls in bcc, which a bpf=False run (and import-time tests) must not need.
+    from nodemesh.admin_http import serve_admin
+    from nodemesh.agent.stream_client import ConfigStream
+
+    token = _read_token(cfg.token_file)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    progs = None
+    if cfg.bpf:
+        from nodemesh.agent.bpf_loader import RedirectPrograms
+
+        exempt = (cfg.agent_cgroup_path,) if cfg.agent_cgroup_path else ()
+        progs = RedirectPrograms(cfg.cgroup_path, cfg.proxy_ip, cfg.outbound_port, exempt_cgroup_paths=exempt)
+        progs.load()  # BpfUnavailable (a PreflightError) says what is missing; run() logs it, exits 3
+
+    proxy = NodeProxy(
+        cfg.node,
+        original_dst=progs.lookup_original_dst if progs is not None else (lambda ip, port: None),
+        set_meshed=progs.set_meshed if progs is not None else None,
+        bpf_counters=progs.counters if progs is not None else None,
+        connect_timeout=cfg.connect_timeout,
+    )
+    admin = None
+    stream_task: asyncio.Task[None] | None = None
+    try:
+        try:
+            await proxy.start((cfg.proxy_ip, cfg.outbound_port), (cfg.inbound_bind_ip, cfg.inbound_port))
+        except OSError as exc:
+            raise AgentStartError(f"cannot listen on {cfg.proxy_ip}:{cfg.outbound_port} / {cfg.inbound_bind_ip}:{cfg.inbound_port}: {exc.strerror or exc}") from exc
+
+        # The stream treats an exception from on_config as "this config rejected, keep the last".
+        stream = ConfigStream(cfg.controller, cfg.node, token, proxy.apply_config)
+        routes = {
+            "/ready": lambda: readiness(progs is not None or not cfg.bpf, proxy.listening, proxy.config_applied, stream.last_error),
+            "/live": lambda: (200, "text/plain; charset=utf-8", b"live\n"),
+            "/metrics": lambda: (200, CONTENT_TYPE, proxy.metrics.render()),
+        }
+        try:
+            admin = await serve_admin(cfg.admin[0], cfg.admin[1], routes)
+        except OSError as exc:
+            raise AgentStartError(f"cannot listen on admin {cfg.admin[0]}:{cfg.admin[1]}: {exc.strerror or exc}") from exc
+        stream_task = loop.create_task(stream.run(), name="config-stream")
+        log.info("agent for node %s up (bpf=%s)", cfg.node, cfg.bpf)
+
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait({stopped, stream_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            stopped.cancel()
+            exc = stream_task.exception() if not stream_task.cancelled() else None
+            raise AgentFailed(f"config stream to {cfg.controller[0]}:{cfg.controller[1]} ended: {exc or 'returned'}")
+        log.info("signal received: stopping")
+    finally:
+        if stream_task is not None and not stream_task.done():
+            stream_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream_task
+        await proxy.stop()
+        if progs is not None:
+            progs.close()  # detach: pods connect directly again
+        if admin is not None:
+            admin.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(cfg: AgentConfig) -> None:
+    """Blocking entry point (uvloop). Exits the process with the error's exit code on failure, 0 on signal."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        uvloop.run(serve(cfg))
+    except NodemeshError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)

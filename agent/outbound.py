@@ -1,0 +1,222 @@
+"""The outbound listener (4140): accept → original destination → decide → connect → relay.
+
+A pod's connect() was redirected here by connect4; the accepted socket's peer address is the pod's
+own (ip, port), which the BPF lookup maps back to the address the pod dialed. `decide` turns that
+into a Plan; this module only does the I/O the Plan asks for:
+  local  – dial the pod directly;
+  remote – dial the destination node's inbound port, send the tunnel request, wait for 200;
+  reject – reset the client.
+Client bytes that arrive while dialing are kept (reading paused past a bound) and sent first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodemesh.agent.balance import Balancer
+from nodemesh.agent.decide import Plan, decide
+from nodemesh.agent.handshake import HandshakeError, ResponseParser, TunnelResponse, encode_request
+from nodemesh.agent.metrics import ProxyMetrics
+from nodemesh.agent.relay import Relay, reset_transport
+from nodemesh.agent.workloads import NodeView
+from nodemesh.fastpath import TcpStats
+
+log = logging.getLogger(__name__)
+
+PREBUFFER = 64 * 1024  # client bytes held while dialing before we stop reading the client
+OriginalDst = Callable[[str, int], "tuple[str, int] | None"]
+
+
+@dataclass(frozen=True)
+class ListenerContext:
+    """What a listener's connections need from the proxy; built once by NodeProxy."""
+
+    view: Callable[[], NodeView]  # the current view (swapped atomically by apply_config)
+    balancer: Balancer
+    original_dst: OriginalDst  # BPF lookup by the accepted socket's peer (ip, port)
+    metrics: ProxyMetrics
+    connections: set[asyncio.BaseTransport]  # live accepted transports, closed by NodeProxy.stop
+    connect_timeout: float = 5.0
+
+
+# ---- connect: dialing an upstream, shared with inbound.py ---------------------------------------
+
+
+class DialError(Exception):
+    """An upstream could not be reached. `error` is the metrics label, `status` the tunnel reply
+    code the inbound side answers with."""
+
+    def __init__(self, error: str, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.error = error
+        self.status = status
+
+
+class Upstream(asyncio.Protocol):
+    """An upstream socket until the relay takes it: sends the tunnel request (remote), waits for the
+    reply, and keeps whatever the upstream sends after it (server-first protocols speak first)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tunnel_request: bytes | None) -> None:
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()
+        self.eof = False
+        self.lost = False
+        self.response: TunnelResponse | None = None
+        self._request = tunnel_request
+        self._parser = ResponseParser() if tunnel_request is not None else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._request is not None:
+            transport.write(self._request)  # type: ignore[attr-defined]
+        else:
+            self.ready.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is not None and self.response is None:
+            try:
+                parsed = self._parser.feed(data)
+            except HandshakeError as exc:
+                self._fail(DialError("handshake_error", f"bad tunnel reply: {exc}"))
+                return
+            if parsed is None:
+                return
+            self.response, data = parsed
+            if not self.response.ok:
+                self._fail(DialError("tunnel_refused", f"tunnel refused: {self.response.status} {self.response.reason}"))
+                return
+            if not self.ready.done():
+                self.ready.set_result(None)
+        self.pending += data
+        if len(self.pending) > PREBUFFER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._fail(DialError("handshake_error", "upstream closed before answering the tunnel request"))
+        return True  # keep the write side: a server may half-close and still read
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(DialError("connect_failed", f"upstream connection lost: {exc or 'closed'}"))
+
+
+async def dial(addr: tuple[str, int], tunnel_request: bytes | None, timeout: float) -> tuple[asyncio.Transport, Upstream]:
+    """Connect to `addr` (and complete the tunnel handshake when given); raise DialError."""
+    loop = asyncio.get_running_loop()
+    transport: asyncio.Transport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, up = await loop.create_connection(lambda: Upstream(loop, tunnel_request), addr[0], addr[1])
+            await up.ready
+            return transport, up
+    except TimeoutError:
+        err = DialError("connect_timeout", f"no answer from {addr[0]}:{addr[1]} within {timeout:g}s", 504)
+    except OSError as exc:
+        err = DialError("connect_failed", f"cannot connect to {addr[0]}:{addr[1]}: {exc.strerror or exc}")
+    except DialError as exc:
+        err = exc
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    if transport is not None:
+        reset_transport(transport)
+    raise err
+
+
+# ---- accept: one redirected client connection ---------------------------------------------------
+
+
+class OutboundConnection(asyncio.Protocol):
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.plan: Plan | None = None
+        self.pending = bytearray()
+        self.eof = False
+        self._task: asyncio.Task[None] | None = None
+        self._stats: TcpStats | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        ctx = self.ctx
+        ctx.connections.add(transport)
+        peer = transport.get_extra_info("peername")
+        try:
+            orig = ctx.original_dst(peer[0], peer[1]) if peer else None
+        except Exception:
+            log.exception("original destination lookup failed for %s", peer)
+            orig = None
+        if orig is None:
+            self._open_stats("", "")
+            ctx.metrics.error("outbound", "no_original_dst")
+            log.debug("no original destination for %s; closing", peer)
+            reset_transport(transport)
+            return
+        self.plan = plan = decide(ctx.view(), peer[0], orig, ctx.balancer)
+        self._open_stats(plan.labels.dst_namespace, plan.labels.dst_service)
+        if plan.kind == "reject":
+            ctx.metrics.error("outbound", "no_route")
+            log.info("outbound %s -> %s:%s rejected: %s", peer[0], orig[0], orig[1], plan.reason)
+            reset_transport(transport)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._connect(plan))
+
+    def _open_stats(self, ns: str, svc: str) -> None:
+        self._stats = self.ctx.metrics.tcp("outbound", "src", ns, svc)
+        self._stats.opened()
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        if len(self.pending) > PREBUFFER:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the client may still want the response to what it sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only reached before the relay takes over (set_protocol moves later events to the relay).
+        self.ctx.connections.discard(self.transport)
+        if self._stats is not None:
+            self._stats.closed()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def _connect(self, plan: Plan) -> None:
+        ctx = self.ctx
+        assert plan.connect is not None
+        try:
+            try:
+                request = encode_request(plan.tunnel) if plan.tunnel is not None else None
+            except HandshakeError as exc:  # e.g. an identity the config got wrong: fail this one only
+                raise DialError("handshake_error", f"cannot encode the tunnel request: {exc}") from None
+            upstream, up = await dial(plan.connect, request, ctx.connect_timeout)
+        except DialError as exc:
+            ctx.metrics.error("outbound", exc.error)
+            log.info("outbound to %s via %s:%s failed: %s", plan.labels.authority, *plan.connect, exc)
+            if not self.transport.is_closing():
+                reset_transport(self.transport)
+            return
+        if self.transport.is_closing():  # the client left while we dialed
+            upstream.close()
+            return
+        if up.lost:  # upstream went away between its reply and this task resuming
+            ctx.metrics.error("outbound", "connect_failed")
+            reset_transport(self.transport)
+            return
+        up_stats = ctx.metrics.tcp("outbound", "dst", plan.labels.dst_namespace, plan.labels.dst_service)
+        up_stats.opened()
+        client = self.transport
+        relay = Relay(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)
+        relay.start(client, upstream, a_pending=bytes(self.pending), a_eof=self.eof, b_pending=bytes(up.pending), b_eof=up.eof)
+        self.pending = bytearray()
