@@ -28,6 +28,7 @@ from nodemesh.errors import ConfigError, LabError
 from nodemesh.lab import cgroup_tree, network, processes
 from nodemesh.lab.state import LabState, lab_dir, locked, pid_alive
 from nodemesh.lab.topology import (
+    BPF_PIN_ROOT,
     CGROUP_ROOT_NAME,
     MAX_NODES,
     MAX_PODS_PER_NODE,
@@ -42,7 +43,6 @@ from nodemesh.lab.topology import (
 from nodemesh.model import ClusterState, Node, Object, Pod, dump_object, load_file, parse_documents
 from nodemesh.nodeconfig import ADMIN_PORT, CONTROLLER_ADMIN_PORT, CONTROLLER_PORT
 
-BPF_PIN_ROOT = "/sys/fs/bpf/nodemesh"
 READY_TIMEOUT = 60.0
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DEFAULT_LAB_DIR = "/run/nodemesh/lab"
+from nodemesh.lab.topology import DEFAULT_LAB_DIR
 
 
 def lab_dir() -> str:

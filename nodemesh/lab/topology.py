@@ -8,15 +8,28 @@ are redirected to: the node proxy listens there). Pod k on a node gets 10.244.i.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 
-UNDERLAY_BRIDGE = "nm-underlay"
-UNDERLAY_NET = ipaddress.IPv4Network("172.31.255.0/24")
-UNDERLAY_GATEWAY = "172.31.255.1"  # the root netns end: the controller listens here
+# NODEMESH_LAB_INSTANCE=k (0-9) runs a separate lab beside the default one (k=0), e.g. a bench
+# while tests run. Only what lives in the shared root netns, cgroupfs and bpffs needs its own
+# name or range; pods and nodes are netns of their own, so their addresses may repeat.
+INSTANCE = int(os.environ.get("NODEMESH_LAB_INSTANCE", "0"))
+if not 0 <= INSTANCE <= 9:
+    raise ValueError(f"NODEMESH_LAB_INSTANCE must be 0-9, got {INSTANCE}")
+_P = "nm" if INSTANCE == 0 else f"nm{INSTANCE}"
+_SUFFIX = "" if INSTANCE == 0 else str(INSTANCE)
+
+UNDERLAY_BRIDGE = f"{_P}-underlay"
+UNDERLAY_NET = ipaddress.IPv4Network(f"172.31.{255 - INSTANCE}.0/24")
+UNDERLAY_GATEWAY = str(UNDERLAY_NET.network_address + 1)  # the root netns end: the controller listens here
 NODE_BRIDGE = "nmbr0"
-NODE_NETNS_PREFIX = "nmnode-"
-POD_NETNS_PREFIX = "nmpod-"
-CGROUP_ROOT_NAME = "nodemesh-lab"
+NODE_NETNS_PREFIX = f"{_P}node-"
+POD_NETNS_PREFIX = f"{_P}pod-"
+UNDERLAY_VETH_PREFIX = f"{_P}u"
+CGROUP_ROOT_NAME = f"nodemesh-lab{_SUFFIX}"
+BPF_PIN_ROOT = f"/sys/fs/bpf/nodemesh{_SUFFIX}"
+DEFAULT_LAB_DIR = f"/run/nodemesh/lab{_SUFFIX}"
 MAX_NODES = 200
 MAX_PODS_PER_NODE = 253  # .2 .. .254
 
@@ -36,7 +49,7 @@ class NodeAddressing:
 
     @property
     def underlay_veth(self) -> str:
-        return f"nmu{self.index}"  # root-side name; <= 15 chars
+        return f"{UNDERLAY_VETH_PREFIX}{self.index}"  # root-side name; <= 15 chars
 
     @property
     def pod_cidr(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from nodemesh.lab import lab
-from nodemesh.lab.topology import CGROUP_ROOT_NAME, NODE_NETNS_PREFIX, POD_NETNS_PREFIX, UNDERLAY_BRIDGE, NodeAddressing
+from nodemesh.lab.topology import BPF_PIN_ROOT, CGROUP_ROOT_NAME, NODE_NETNS_PREFIX, POD_NETNS_PREFIX, UNDERLAY_BRIDGE, UNDERLAY_VETH_PREFIX, NodeAddressing
 from nodemesh.nodeconfig import ADMIN_PORT
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="end-to-end lab tests need root")
@@ -30,13 +30,13 @@ def leftovers() -> list[str]:
     found += [f"netns {l.split()[0]}" for l in netns if l.startswith((NODE_NETNS_PREFIX, POD_NETNS_PREFIX))]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     found += [f"link {name}" for name in (UNDERLAY_BRIDGE,) if f" {name}:" in links]
-    found += [f"link {l.split(':')[1].strip()}" for l in links.splitlines() if l.split(":")[1].strip().startswith("nmu")]
+    found += [f"link {l.split(':')[1].strip()}" for l in links.splitlines() if l.split(":")[1].strip().startswith(UNDERLAY_VETH_PREFIX)]
     with open("/proc/mounts", encoding="utf-8") as f:
         cg2 = next(l.split()[1] for l in f if l.split()[2] == "cgroup2")
     if os.path.exists(os.path.join(cg2, CGROUP_ROOT_NAME)):
         found.append(f"cgroup {os.path.join(cg2, CGROUP_ROOT_NAME)}")
-    if os.path.exists("/sys/fs/bpf/nodemesh"):
-        found.append("pinned /sys/fs/bpf/nodemesh")
+    if os.path.exists(BPF_PIN_ROOT):
+        found.append(f"pinned {BPF_PIN_ROOT}")
     return found
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodemesh.lab import lab, processes
+from nodemesh.lab.topology import CGROUP_ROOT_NAME
 from nodemesh.scrape import total
 
 from .labtools import cli, client_summary, eventually, leftovers, metrics, pod_exec, requires_root
@@ -157,7 +158,7 @@ def test_applied_pod_joins_the_service(running_lab: dict, tmp_path) -> None:
 def test_exec_returns_the_exit_code(running_lab: dict) -> None:
     assert cli("lab", "exec", "client", "--", "sh", "-c", "exit 7").returncode == 7
     out = cli("lab", "exec", "client", "--", "cat", "/proc/self/cgroup")
-    assert "nodemesh-lab/node1/pods/demo_client" in out.stdout
+    assert f"{CGROUP_ROOT_NAME}/node1/pods/demo_client" in out.stdout
 
 
 def test_second_lab_up_is_refused(running_lab: dict) -> None:
