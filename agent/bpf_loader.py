@@ -1,9 +1,18 @@
-"""Load, attach, configure and detach the connect4 + sock_ops redirect programs.
+"""Load, attach, configure and detach the node's redirect programs.
 
 This is the only Python that touches BPF map file descriptors (STYLE.md). It compiles
-bpf/connect.c and bpf/sockops.c as ONE bcc module so both programs share the maps declared in
-bpf/include/maps.h, attaches them to a node's cgroup v2 directory, and answers the node proxy's
-"where was this accepted connection really going?" question.
+bpf/connect.c, sockops.c, getpeername.c and redirect.c as ONE bcc module so all programs share
+the maps declared in bpf/include/maps.h, attaches the cgroup programs (sock_ops, getpeername4,
+connect4) to a node's cgroup v2 directory and the sk_msg shortcut to the sockhash, and answers
+the node proxy's "where was this accepted connection really going?" question.
+
+Two lifetimes:
+- ``pin_dir`` unset (tests of the bare loader): ``close()`` detaches everything.
+- ``pin_dir`` set (the agent): maps live pinned in ``<pin_dir>/maps``, programs in
+  ``<pin_dir>/progs``; ``close()`` only lets go, so redirection survives an agent restart (the
+  attachments are legacy cgroup attachments, which outlive the process; a dead proxy means
+  connects are refused at once). The next ``load()`` adopts the pinned maps and replaces the
+  programs. ``agent.bpf_pins.uninstall`` removes attachments and pins.
 
 Byte orders (checked by tests/e2e/test_bpf_redirect.py): map addresses are network order;
 ports are network order except the client port in ``orig_dst_by_tuple``'s key (host order,
@@ -12,16 +21,19 @@ as ``bpf_sock_ops.local_port`` gives it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib.resources
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from nodemesh.cgroups import cgroup_id, on_cgroup2
 from nodemesh.errors import NodemeshError, PreflightError
@@ -29,11 +41,43 @@ from nodemesh.errors import NodemeshError, PreflightError
 log = logging.getLogger(__name__)
 
 # Order = the NM_CNT_* indexes in bpf/include/maps.h.
-COUNTER_NAMES: tuple[str, ...] = ("connect_redirected", "connect_exempt", "established_moved")
+COUNTER_NAMES: tuple[str, ...] = (
+    "connect_redirected", "connect_exempt", "established_moved",
+    "sockmap_added", "sockmap_full", "shortcut_msgs", "shortcut_bytes", "shortcut_miss",
+    "peername_restored", "splice_skbs", "splice_bytes", "splice_pass",
+)
+
+# The module's source files, concatenated in this order.
+SOURCES: tuple[str, ...] = ("connect.c", "sockops.c", "getpeername.c", "redirect.c", "splice.c")
+
+# (function, bcc program type name, BPFAttachType name) of the cgroup programs, in attach order:
+# sock_ops first (a connect4 redirect without its re-keying would be unrecoverable), connect4 last.
+CGROUP_PROGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("nm_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
+    ("nm_getpeername4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_GETPEERNAME"),
+    ("nm_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+)
+SHORTCUT_PROGRAM = "nm_redirect"  # sk_msg, attached to the sock_hash map
+SOCKHASH = "sock_hash"
+SPLICE_PROGRAM = "nm_splice"  # sk_skb stream verdict, attached to the splice_hash map
+SPLICE_HASH = "splice_hash"
 
 MESHED_CAPACITY = 16384  # max_entries of meshed_dsts in maps.h
 
 _SETUP_HINT = "run `make setup`"
+
+
+class SockKey(NamedTuple):
+    """struct nm_sock_key: addresses network order (as u32), ports host order."""
+
+    sip: int
+    dip: int
+    sport: int
+    dport: int
+
+
+class _SockKeyC(ctypes.Structure):
+    _fields_ = [("sip", ctypes.c_uint32), ("dip", ctypes.c_uint32), ("sport", ctypes.c_uint32), ("dport", ctypes.c_uint32)]
 
 
 class BpfUnavailable(PreflightError):
@@ -69,16 +113,19 @@ def _bpf_source_dir() -> str:
 
 
 def _module_text(src_dir: str) -> str:
-    """connect.c + sockops.c as one translation unit.
+    """SOURCES as one translation unit.
 
     Concatenated, not #included: bcc only turns functions of the main file into programs (an
     #included connect.c yields "Unknown program"). Their shared `#include "include/maps.h"`
     is resolved through -I<src_dir> and its include guard makes the maps exist once.
     """
     parts = []
-    for name in ("connect.c", "sockops.c"):
-        with open(os.path.join(src_dir, name), encoding="utf-8") as f:
-            parts.append(f'#line 1 "{name}"\n{f.read()}')
+    for name in SOURCES:
+        try:
+            with open(os.path.join(src_dir, name), encoding="utf-8") as f:
+                parts.append(f'#line 1 "{name}"\n{f.read()}')
+        except OSError as exc:
+            raise BpfUnavailable(f"cannot read the BPF source {name} in {src_dir} ({exc.strerror}): reinstall nodemesh") from exc
     return "\n".join(parts)
 
 
@@ -114,17 +161,63 @@ def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
     return list(ids[: count.value])
 
 
+def _load_func(b: Any, name: str, prog_type: int, **kwargs: Any) -> Any:
+    """b.load_func, but a program the kernel rejects is named with the verifier's last words.
+
+    bcc prints the verifier log on fd 2 and raises a bare "Failed to load BPF program"; capture
+    fd 2 around the call so the error says which program and why.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile() as log_file:
+        saved = os.dup(2)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            return b.load_func(name.encode(), prog_type, **kwargs)
+        except Exception as exc:
+            os.dup2(saved, 2)
+            log_file.seek(0)
+            lines = [l for l in log_file.read().decode(errors="replace").splitlines() if l.strip()]
+            verifier = " | ".join(lines[-6:]) or str(exc)
+            raise ProgramRejected(name, verifier) from exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class ProgramRejected(BpfUnavailable):
+    """The kernel refused to load one program (verifier or permissions)."""
+
+    def __init__(self, program: str, verifier: str) -> None:
+        super().__init__(f"the kernel rejected BPF program {program}: {verifier}")
+        self.program = program
+        self.verifier = verifier
+
+
+def _detach_pinned_shortcut(pin_dir: str) -> None:
+    """Detach a previous agent's sk_msg program from the pinned sock_hash (shortcut now off)."""
+    prog = os.path.join(pin_dir, "progs", SHORTCUT_PROGRAM)
+    sockhash = os.path.join(pin_dir, "maps", SOCKHASH)
+    if os.path.exists(prog) and os.path.exists(sockhash):
+        subprocess.run(["bpftool", "prog", "detach", "pinned", prog, "msg_verdict", "pinned", sockhash],
+                       capture_output=True, check=False)  # ENOENT (not attached) is fine
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(prog)
+
+
 def _is_eperm(exc: BaseException) -> bool:
     text = str(exc)
     return os.strerror(errno.EPERM) in text or os.strerror(errno.EACCES) in text
 
 
 class RedirectPrograms:
-    """connect4 + sock_ops on one node cgroup, plus the maps they share.
+    """The redirect programs on one node cgroup, plus the maps they share.
 
     Use ``load()`` once, then ``set_meshed`` / ``lookup_original_dst`` / ``counters``, and always
-    ``close()`` (or use it as a context manager): cgroup attachments made by bcc outlive the
-    process, and a leftover connect4 would keep redirecting pods to a proxy that is gone.
+    ``close()`` (or use it as a context manager). Without ``pin_dir``, close() detaches: cgroup
+    attachments made by bcc outlive the process, and a leftover connect4 would keep redirecting
+    pods to a proxy that is gone. With ``pin_dir``, that is the point: see the module docstring.
+    ``shortcut`` switches the sockmap short-circuit (sock_hash + sk_msg) on or off.
     """
 
     def __init__(
@@ -133,14 +226,24 @@ class RedirectPrograms:
         proxy_ip: str,
         proxy_port: int,
         exempt_cgroup_paths: Sequence[str] = (),
+        *,
+        pin_dir: str | None = None,
+        shortcut: bool = True,
+        splice: bool = True,
     ) -> None:
         self.cgroup_path = cgroup_path
         self.proxy_ip = str(ipaddress.IPv4Address(proxy_ip))
         self.proxy_port = _check_port(proxy_port, allow_zero=False)
         self.exempt_cgroup_paths = tuple(exempt_cgroup_paths)
+        self.pin_dir = pin_dir or None
+        self.shortcut = shortcut
+        self.splice_allowed = splice  # same-node kernel splice on (nm_settings[1]; see set_splice)
         self._bpf: Any = None  # bcc.BPF once loaded
         self._cgroup_fd: int | None = None
         self._attached: list[tuple[Any, int]] = []  # (BPF.Function, attach type), in attach order
+        self.adopted_maps: list[str] = []  # pinned maps a previous agent left and this one reuses
+        self.meshed_dropped = 0  # destinations of the last set_meshed that did not fit meshed_dsts
+        self.splice_ready = False  # the splice verdict is attached (see splice())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -159,41 +262,39 @@ class RedirectPrograms:
 
         src_dir = _bpf_source_dir()
         text = _module_text(src_dir)
-        try:
-            b = BPF(text=text.encode(), cflags=[f"-I{src_dir}"])
-        except Exception as exc:
-            if not _kernel_headers_present():
-                raise BpfUnavailable(
-                    f"cannot compile the BPF programs: kernel headers for {os.uname().release} are "
-                    f"missing; {_SETUP_HINT}"
-                ) from exc
-            raise BpfUnavailable(
-                f"cannot compile the BPF programs in {src_dir} ({str(exc).splitlines()[0]}); "
-                f"check the kernel headers and bcc install, or {_SETUP_HINT}"
-            ) from exc
+        b = self._compile(BPF, text, src_dir)
 
         self._bpf = b
         try:
             self._cgroup_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
-            connect4 = b.load_func(
-                b"nm_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
-            )
-            sockops = b.load_func(b"nm_sockops", BPF.SOCK_OPS)
+            progs = []
+            for name, prog_type, attach_name in CGROUP_PROGRAMS:
+                attach_type = getattr(BPFAttachType, attach_name)
+                kwargs = {"attach_type": attach_type} if prog_type == "CGROUP_SOCK_ADDR" else {}
+                fn = _load_func(b, name, getattr(BPF, prog_type), **kwargs)
+                progs.append((fn, attach_type))
+            redirect = _load_func(b, SHORTCUT_PROGRAM, BPF.SK_MSG) if self.shortcut else None
             # Configure before attaching, so the very first connect already sees the proxy
             # address and the proxy's exemption (otherwise the proxy could redirect to itself).
             self._fill_config()
-            # sock_ops first: a connect4 redirect without the re-keying would be unrecoverable.
-            for fn, attach_type in (
-                (sockops, BPFAttachType.CGROUP_SOCK_OPS),
-                (connect4, BPFAttachType.CGROUP_INET4_CONNECT),
-            ):
+            sockhash_fd = self._sockhash_fd()
+            if redirect is not None:
+                BPF.attach_func(redirect, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+            elif self.pin_dir:
+                _detach_pinned_shortcut(self.pin_dir)  # a previous agent's, with the shortcut on
+            for fn, attach_type in progs:
                 # flags=0 (single program, replaced by the next attach): a restarted agent
                 # replaces a crashed one's leftover program instead of running behind it (with
                 # BPF_F_ALLOW_MULTI both would run and the stale one would redirect first).
                 BPF.attach_func(fn, self._cgroup_fd, attach_type)
                 self._attached.append((fn, attach_type))
+            splice = self._load_splice(BPF, BPFAttachType)
+            if self.pin_dir:
+                self._pin_programs([fn for fn, _ in progs] + [f for f in (redirect, splice) if f is not None])
         except Exception as exc:
             self._teardown(raise_errors=False)
+            if isinstance(exc, ProgramRejected):
+                raise  # names the program and the verifier's message
             if _is_eperm(exc):
                 raise BpfUnavailable(
                     f"the kernel refused to load or attach BPF programs on {self.cgroup_path} ({exc}): "
@@ -205,12 +306,84 @@ class RedirectPrograms:
                 f"cannot load or attach the redirect programs on {self.cgroup_path}: {exc}"
             ) from exc
         log.info(
-            "redirect programs attached to %s, proxy %s:%d, %d exempt cgroup(s)",
+            "redirect programs attached to %s, proxy %s:%d, %d exempt cgroup(s), shortcut %s, %s",
             self.cgroup_path, self.proxy_ip, self.proxy_port, len(self.exempt_cgroup_paths),
+            "on" if self.shortcut else "off",
+            f"pinned in {self.pin_dir} (adopted maps: {', '.join(self.adopted_maps) or 'none'})"
+            if self.pin_dir else "not pinned",
         )
 
+    def _compile(self, bpf_cls: Any, text: str, src_dir: str) -> Any:
+        cflags = [f"-I{src_dir}"]
+        maps_dir = None
+        if self.pin_dir:
+            maps_dir = os.path.join(self.pin_dir, "maps")
+            os.makedirs(maps_dir, exist_ok=True)
+            os.makedirs(os.path.join(self.pin_dir, "progs"), exist_ok=True)
+            self.adopted_maps = sorted(os.listdir(maps_dir))
+            cflags.append(f'-DNM_PIN_DIR="{maps_dir}"')
+        try:
+            return bpf_cls(text=text.encode(), cflags=cflags)
+        except Exception as exc:
+            if maps_dir and self.adopted_maps:
+                # Pins of an older layout (a map's size or types changed) cannot be reused: start
+                # over with fresh maps rather than refusing to run. Live redirected connections
+                # keep working; only not-yet-looked-up original destinations are lost.
+                log.warning("pinned maps in %s do not fit this agent's programs (%s); recreating them",
+                            maps_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                shutil.rmtree(maps_dir, ignore_errors=True)
+                os.makedirs(maps_dir, exist_ok=True)
+                self.adopted_maps = []
+                try:
+                    return bpf_cls(text=text.encode(), cflags=cflags)
+                except Exception as exc2:
+                    exc = exc2
+            if not _kernel_headers_present():
+                raise BpfUnavailable(
+                    f"cannot compile the BPF programs: kernel headers for {os.uname().release} are "
+                    f"missing; {_SETUP_HINT}"
+                ) from exc
+            raise BpfUnavailable(
+                f"cannot compile the BPF programs in {src_dir} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                f"check the kernel headers and bcc install, or {_SETUP_HINT}"
+            ) from exc
+
+    def _sockhash_fd(self, name: str = SOCKHASH) -> int:
+        from bcc.libbcc import lib
+
+        fd = int(lib.bpf_table_fd(self._bpf.module, name.encode()))  # b["sock_hash"] fails: type 18
+        if fd < 0:
+            raise BpfUnavailable(f"the {name} map is missing from the compiled module")
+        return fd
+
+    def _load_splice(self, bpf_cls: Any, attach_types: Any) -> Any:
+        """The same-node splice verdict, optional: if this kernel refuses it, connections are
+        relayed in user space as before (logged once), never a reason to leave BPF mode."""
+        try:
+            fn = _load_func(self._bpf, SPLICE_PROGRAM, bpf_cls.SK_SKB)
+            bpf_cls.attach_func(fn, self._sockhash_fd(SPLICE_HASH), attach_types.SK_SKB_STREAM_VERDICT)
+        except Exception as exc:
+            log.warning("same-node kernel splice unavailable (%s); relaying those connections in user space", exc)
+            return None
+        self.splice_ready = True
+        return fn
+
+    def _pin_programs(self, fns: Sequence[Any]) -> None:
+        """Pin each program as <pin_dir>/progs/<name>, replacing a previous agent's pin."""
+        from bcc.libbcc import lib
+
+        assert self.pin_dir
+        for fn in fns:
+            path = os.path.join(self.pin_dir, "progs", fn.name.decode())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if lib.bpf_obj_pin(fn.fd, path.encode()) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot pin {fn.name.decode()} at {path}")
+
     def close(self) -> None:
-        """Detach from the cgroup and free the module. Idempotent."""
+        """Let go of the programs. Unpinned: detach from the cgroup first. Idempotent."""
+        if self.pin_dir:
+            self._attached.clear()  # pinned: the attachments stay for the next agent
         self._teardown(raise_errors=True)
 
     def __enter__(self) -> RedirectPrograms:
@@ -232,8 +405,14 @@ class RedirectPrograms:
         wanted: set[tuple[int, int]] = set()
         for ip, port in dsts:
             wanted.add((_ip_net_u32(ip), socket.htons(_check_port(port, allow_zero=True))))
-        if len(wanted) > MESHED_CAPACITY:
-            raise ValueError(f"{len(wanted)} meshed destinations exceed the map size {MESHED_CAPACITY}")
+        self.meshed_dropped = max(0, len(wanted) - MESHED_CAPACITY)
+        if self.meshed_dropped:
+            # Map full: keep service VIP:ports first (port != 0), then pod IPs, in a stable order;
+            # the rest are not redirected (inbound capture still catches pod IPs on their node).
+            keep = sorted(wanted, key=lambda d: (d[1] == 0, d))[:MESHED_CAPACITY]
+            log.error("%d meshed destinations exceed the meshed_dsts map (%d entries): %d are not redirected "
+                      "(counted as nodemesh_bpf_meshed_dsts_dropped_total)", len(wanted), MESHED_CAPACITY, self.meshed_dropped)
+            wanted = set(keep)
 
         present = {(k.ip4, k.port) for k in table.keys()}
         stale = present - wanted
@@ -272,10 +451,97 @@ class RedirectPrograms:
             pass  # already evicted by the LRU; the value we read is still right
         return _ip_from_net_u32(leaf.ip4), socket.ntohs(leaf.port)
 
+    # -- same-node kernel splice ------------------------------------------------------------
+
+    @staticmethod
+    def sock_key(sock: socket.socket) -> SockKey:
+        """A connected IPv4 TCP socket's key in splice_hash (its own address first)."""
+        lip, lport = sock.getsockname()[:2]
+        rip, rport = sock.getpeername()[:2]
+        return SockKey(_ip_net_u32(lip), _ip_net_u32(rip), lport, rport)
+
+    def splice(self, a: socket.socket, b: socket.socket) -> tuple[SockKey, SockKey]:
+        """Hand two connected proxy sockets to the kernel: from now on bytes either receives go out
+        of the other (bpf/splice.c). The caller must have relayed everything it read; data still
+        queued on a socket is forwarded at once. agent/splice.py drains between the two steps."""
+        keys = self.splice_partners(a, b)
+        try:
+            self.splice_commit(a, b)
+        except OSError:
+            self.unsplice(keys)
+            raise
+        return keys
+
+    def splice_partners(self, a: socket.socket, b: socket.socket) -> tuple[SockKey, SockKey]:
+        """Step 1: name each socket's partner (the sk_msg shortcut stops feeding their user-space
+        queues, so every new byte arrives through TCP, where the verdict will see it)."""
+        if not self.splice_ready:
+            raise RuntimeError("the splice verdict is not attached")
+        ka, kb = self.sock_key(a), self.sock_key(b)
+        peers = self._table("splice_peer")
+        peers[peers.Key(*ka)] = peers.Leaf(*kb)
+        peers[peers.Key(*kb)] = peers.Leaf(*ka)
+        return ka, kb
+
+    def splice_commit(self, a: socket.socket, b: socket.socket) -> None:
+        """Step 2: put both sockets into splice_hash; SO_RCVLOWAT wakes the verdict for data that
+        arrived before (tcp_set_rcvlowat calls sk_data_ready), so nothing waits for a next packet."""
+        from bcc.libbcc import lib
+
+        fd = self._sockhash_fd(SPLICE_HASH)
+        for sock in (a, b):
+            ckey = _SockKeyC(*self.sock_key(sock))
+            value = ctypes.c_int(sock.fileno())
+            if lib.bpf_update_elem(ctypes.c_int(fd), ctypes.byref(ckey), ctypes.byref(value), ctypes.c_ulonglong(0)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"cannot add a socket to {SPLICE_HASH}: {os.strerror(err)}")
+        for sock in (a, b):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def shortcut_enabled(self) -> bool:
+        """nm_settings[0]: whether sock_ops puts new pod<->proxy sockets into sock_hash."""
+        table = self._table("nm_settings")
+        return bool(table[table.Key(0)].value)
+
+    def splice_bytes(self, key: SockKey) -> int:
+        """Bytes the verdict forwarded from the socket `key` to its partner so far."""
+        table = self._table("splice_bytes")
+        leaf = table.get(table.Key(*key))
+        return int(leaf.value) if leaf is not None else 0
+
+    def unsplice(self, keys: Iterable[SockKey]) -> None:
+        """Forget a spliced pair (its sockets leave splice_hash when they close)."""
+        for name in ("splice_peer", "splice_bytes"):
+            table = self._table(name)
+            for key in keys:
+                try:
+                    del table[table.Key(*key)]
+                except KeyError:
+                    pass
+
     def counters(self) -> dict[str, int]:
         """Totals over all CPUs of the per-program counters (COUNTER_NAMES)."""
         table = self._table("nm_counters")
-        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
+        counts = {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
+        counts["meshed_dsts_dropped"] = self.meshed_dropped  # user space: destinations the map could not hold
+        return counts
+
+    def set_splice(self, enabled: bool) -> None:
+        """Whether the agent splices new same-node L4 connections (pinned nm_settings[1], so a
+        bench can switch it at run time with bpftool; read by agent/splice.py per connection)."""
+        table = self._table("nm_settings")
+        table[table.Key(1)] = table.Leaf(1 if enabled else 0)
+
+    def splice_enabled(self) -> bool:
+        table = self._table("nm_settings")
+        return self.splice_ready and bool(table[table.Key(1)].value)
+
+    def set_shortcut(self, enabled: bool) -> None:
+        """Whether sock_ops adds new pod<->proxy sockets to sock_hash (connections already in it
+        keep their shortcut until they close). Without the sk_msg program attached (loaded with
+        shortcut=False) sockets in sock_hash just take the TCP path."""
+        table = self._table("nm_settings")
+        table[table.Key(0)] = table.Leaf(1 if enabled else 0)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -302,8 +568,11 @@ class RedirectPrograms:
         proxy[proxy.Key(0)] = leaf
 
         exempt = self._table("exempt_cgroups")
+        exempt.clear()  # adopted pins may hold a previous agent's cgroup ids
         for path in self.exempt_cgroup_paths:
             exempt[exempt.Key(cgroup_id(path))] = exempt.Leaf(1)
+        self.set_shortcut(self.shortcut)
+        self.set_splice(self.splice_allowed)
 
     @staticmethod
     def _addr_key(table: Any, ip4: int, port: int) -> Any:

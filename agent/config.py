@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodemesh.nodeconfig import ADMIN_PORT, CONTROLLER_PORT, INBOUND_PORT, OUTBOUND_PORT
+from nodemesh.nodeconfig import ADMIN_PORT, CAPTURE_PORT, CONTROLLER_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT
+
+REDIRECT_MODES = ("auto", "bpf", "iptables")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,51 @@ class AgentConfig:
     """Load and attach the redirect programs. False runs the proxy without capture (development);
     nothing is redirected then, and /ready does not wait for BPF."""
 
+    bpf_pin_dir: str = ""
+    """bpffs directory for this node's maps and programs ("" = none: the programs are detached when
+    the agent stops). Pinned, redirection survives agent restarts and a restarted agent adopts the
+    maps; `nodemesh agent uninstall` removes it."""
+
+    sockmap: bool = True
+
+    splice: bool = True
+    """Same-node L4 kernel splice: an authorized opaque TCP connection between two local pods is
+    forwarded socket to socket by an sk_skb verdict once relaying (agent/splice.py)."""
+
+    redirect: str = "auto"
+    """How pods' connects reach the outbound listener: "bpf" (cgroup connect4; the agent fails if
+    it cannot load), "iptables" (nftables DNAT in the node netns + SO_ORIGINAL_DST, Linkerd's
+    method moved to the node), "auto" (BPF, else iptables with one log line saying why)."""
+
+    capture: bool = True
+    """Inbound capture: connections to local meshed pods that bypass the mesh are DNATed to the
+    capture listener and go through inbound authorization (agent/capture.py)."""
+
+    capture_port: int = CAPTURE_PORT
+    """Capture listener port, bound on `proxy_ip`."""
+    """The sockmap short-circuit: pod<->proxy bytes on this node go socket to socket (sk_msg)."""
+
     connect_timeout: float = 5.0
     """Seconds to wait for an upstream TCP connect plus (remote) the tunnel handshake reply."""
+
+    trust_anchor_file: str = ""
+    """PEM trust bundle of the mesh CA. Set: the config stream is mTLS (bootstrapped with the
+    token), workload certificates are requested from the controller and cross-node traffic goes
+    through mTLS tunnels on `tunnel_port`. "" = the plaintext mesh of the foundation."""
+
+    trust_domain: str = "cluster.local"
+    """SPIFFE trust domain of this mesh; must match the controller's."""
+
+    tunnel_port: int = TUNNEL_PORT
+    """Inbound mTLS tunnel listener (HTTP/2 CONNECT, HBONE-style), bound on the inbound address."""
+
+    identity_dir: str = ""
+    """Where the agent keeps its node key and certificate across restarts (0600; the bootstrap
+    token is single use). "" = memory only."""
+
+    def __post_init__(self) -> None:
+        if self.redirect not in REDIRECT_MODES:
+            raise ValueError(f"unknown redirect mode {self.redirect!r}: use one of {', '.join(REDIRECT_MODES)}")
 
     @property
     def inbound_bind_ip(self) -> str:

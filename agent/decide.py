@@ -86,3 +86,8 @@ def _to_endpoint(view: NodeView, ep: Endpoint, labels: DstLabels, src_identity: 
         return Plan("reject", labels, ep, src_identity=src_identity, reason=f"pod {ep.namespace}/{ep.pod} is on node {ep.node!r}, which the config does not describe")
     tunnel = TunnelRequest(ep.ip, ep.port, src_identity, f"{ep.namespace}/{ep.pod}")
     return Plan("remote", labels, ep, (node.internal_ip, node.inbound_port), src_identity, tunnel)
+
+
+def plan_for_endpoint(view: NodeView, ep: Endpoint, labels: DstLabels, src_identity: str | None) -> Plan:
+    """The plan for one chosen endpoint (L7 picks per request, then dials with this plan)."""
+    return _to_endpoint(view, ep, labels, src_identity)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nodemesh.agent.authorizer import Subject
 from nodemesh.agent.handshake import HandshakeError, RequestParser, TunnelRequest, encode_response
 from nodemesh.agent.outbound import PREBUFFER, DialError, ListenerContext, dial
 from nodemesh.agent.relay import Relay
+from nodemesh.authz import ClientInfo
 from nodemesh.fastpath import TcpStats
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a peer gets to send a complete request head
 
 
 class InboundConnection(asyncio.Protocol):
+    tunnel_reply = True  # answer the tunnel handshake; agent/capture.py's captured clients never sent one
+
     def __init__(self, ctx: ListenerContext, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -34,6 +38,7 @@ class InboundConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handshake_timeout = handshake_timeout
+        self.authz_subject: Subject | None = None  # set once authorized; re-checked on policy change
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -106,6 +111,16 @@ class InboundConnection(asyncio.Protocol):
             self._refuse(404, f"{req.dst_pod or req.dst_ip} is not a meshed pod on this node", "unknown_pod")
             return
         self._open_stats(pod.namespace)
+        if ctx.authz is not None:
+            # The client identity is the handshake's claim today; the mTLS work makes it the verified
+            # peer certificate's. The address is the sending node's (the tunnel does not carry the pod's).
+            peer = self.transport.get_extra_info("peername")
+            subject = Subject(ClientInfo(self.src_identity, peer[0] if peer else ""), pod.namespace, pod.name, pod.ip, req.dst_port)
+            decision = ctx.authz.check(subject)
+            if not decision.allowed:
+                self._refuse(403, decision.reason, "unauthorized")
+                return
+            self.authz_subject = subject
         try:
             upstream, up = await dial((req.dst_ip, req.dst_port), None, ctx.connect_timeout)
         except DialError as exc:
@@ -117,7 +132,8 @@ class InboundConnection(asyncio.Protocol):
             return
         up_stats = ctx.metrics.tcp("inbound", "dst", pod.namespace, "")
         up_stats.opened()
-        self.transport.write(encode_response(200))
+        if self.tunnel_reply:
+            self.transport.write(encode_response(200))
         client = self.transport
         relay = Relay(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)  # type: ignore[arg-type]
         relay.start(client, upstream, a_pending=bytes(self.pending), a_eof=self.eof, b_pending=bytes(up.pending), b_eof=up.eof)

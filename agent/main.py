@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -58,54 +61,95 @@ def _read_token(path: str) -> str:
     return token
 
 
+def _identity(cfg: AgentConfig, token: Callable[[], str]) -> Any:
+    from nodemesh.agent.identity_client import AgentIdentity
+
+    try:
+        anchor = Path(cfg.trust_anchor_file).read_text()
+    except OSError as exc:
+        raise AgentStartError(f"cannot read the trust anchor {cfg.trust_anchor_file}: {exc.strerror or exc}") from None
+    if "BEGIN CERTIFICATE" not in anchor:
+        raise AgentStartError(f"the trust anchor file {cfg.trust_anchor_file} holds no PEM certificate")
+    return AgentIdentity(cfg.node, token, anchor, cfg.trust_domain, state_dir=cfg.identity_dir)
+
+
 async def serve(cfg: AgentConfig) -> None:
     """Run the agent until SIGTERM/SIGINT. Raises AgentStartError / AgentFailed (NodemeshError)."""
     # Imported here: the loader pulls in bcc, which a bpf=False run (and import-time tests) must not need.
     from nodemesh.admin_http import serve_admin
     from nodemesh.agent.stream_client import ConfigStream
 
-    token = _read_token(cfg.token_file)
+    _read_token(cfg.token_file)  # fail fast; then re-read at each use: Kubernetes rotates projected tokens
+
+    def token() -> str:
+        return _read_token(cfg.token_file)
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    progs = None
-    if cfg.bpf:
-        from nodemesh.agent.bpf_loader import RedirectPrograms
+    from nodemesh.agent.redirect_mode import choose_redirect
 
-        exempt = (cfg.agent_cgroup_path,) if cfg.agent_cgroup_path else ()
-        progs = RedirectPrograms(cfg.cgroup_path, cfg.proxy_ip, cfg.outbound_port, exempt_cgroup_paths=exempt)
-        progs.load()  # BpfUnavailable (a PreflightError) says what is missing; run() logs it, exits 3
+    # BPF, or the nftables fallback (`--redirect`): decided and logged once, before listening.
+    progs, nat = choose_redirect(cfg)
+    proxy: NodeProxy
+
+    def set_meshed(dsts: Any) -> None:
+        if progs is not None:
+            progs.set_meshed(dsts)
+        if nat is not None:
+            nat.update(proxy.view)
 
     proxy = NodeProxy(
         cfg.node,
         original_dst=progs.lookup_original_dst if progs is not None else (lambda ip, port: None),
-        set_meshed=progs.set_meshed if progs is not None else None,
+        set_meshed=set_meshed if progs is not None or nat is not None else None,
         bpf_counters=progs.counters if progs is not None else None,
         connect_timeout=cfg.connect_timeout,
     )
+    if nat is not None and nat.redirect:
+        proxy.use_conntrack_original_dst()
+    if progs is not None and progs.splice_ready:  # cfg.splice is nm_settings[1]: switchable at run time
+        from nodemesh.agent.splice import Splicer
+
+        proxy.enable_splice(Splicer(progs))
+    identity = _identity(cfg, token) if cfg.trust_anchor_file else None
     admin = None
     stream_task: asyncio.Task[None] | None = None
     try:
         try:
+            if identity is not None:  # before start(): remote plans go through mTLS tunnels only
+                await proxy.enable_mtls(identity, (cfg.inbound_bind_ip, cfg.tunnel_port))
             await proxy.start((cfg.proxy_ip, cfg.outbound_port), (cfg.inbound_bind_ip, cfg.inbound_port))
+            if nat is not None:
+                from nodemesh.agent.capture import CapturedConnection, CaptureStats
+
+                captured = CaptureStats()
+                proxy.metrics.registry.register(captured)
+                await proxy.listen_extra(lambda ctx: CapturedConnection(ctx, captured), (cfg.proxy_ip, cfg.capture_port))
         except OSError as exc:
             raise AgentStartError(f"cannot listen on {cfg.proxy_ip}:{cfg.outbound_port} / {cfg.inbound_bind_ip}:{cfg.inbound_port}: {exc.strerror or exc}") from exc
 
         # The stream treats an exception from on_config as "this config rejected, keep the last".
-        stream = ConfigStream(cfg.controller, cfg.node, token, proxy.apply_config)
+        on_config = identity.wrap(proxy.apply_config) if identity is not None else proxy.apply_config
+        stream = ConfigStream(cfg.controller, cfg.node, token, on_config, identity=identity)
         routes = {
-            "/ready": lambda: readiness(progs is not None or not cfg.bpf, proxy.listening, proxy.config_applied, stream.last_error),
+            "/ready": lambda: readiness(progs is not None or nat is not None or not cfg.bpf, proxy.listening, proxy.config_applied, stream.last_error),
             "/live": lambda: (200, "text/plain; charset=utf-8", b"live\n"),
             "/metrics": lambda: (200, CONTENT_TYPE, proxy.metrics.render()),
         }
+        if identity is not None:  # `nodemesh identity` reads this: certificates held, never keys
+            routes["/identity"] = lambda: (200, "application/json", json.dumps(
+                {"node": cfg.node, "certificates": identity.describe(), "refused": identity.store.refused,
+                 "tunnel_handshakes": proxy.tunnels.tls.handshakes, "tunnel_connections": proxy.tunnels.connections_opened}).encode())
         try:
             admin = await serve_admin(cfg.admin[0], cfg.admin[1], routes)
         except OSError as exc:
             raise AgentStartError(f"cannot listen on admin {cfg.admin[0]}:{cfg.admin[1]}: {exc.strerror or exc}") from exc
         stream_task = loop.create_task(stream.run(), name="config-stream")
-        log.info("agent for node %s up (bpf=%s)", cfg.node, cfg.bpf)
+        log.info("agent for node %s up (redirect=%s, capture=%s)", cfg.node,
+                 "bpf" if progs is not None else "iptables" if nat is not None and nat.redirect else "none", nat is not None)
 
         stopped = loop.create_task(stop.wait())
         await asyncio.wait({stopped, stream_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -121,7 +165,12 @@ async def serve(cfg: AgentConfig) -> None:
                 await stream_task
         await proxy.stop()
         if progs is not None:
-            progs.close()  # detach: pods connect directly again
+            progs.close()  # unpinned: detach (pods connect directly again); pinned: stays for the next agent
+        if nat is not None and not cfg.bpf_pin_dir:
+            # Like pinned BPF, the NAT rules outlive a supervised agent: while it is down, captured
+            # and redirected connects are refused (fail closed) instead of bypassing the mesh.
+            with contextlib.suppress(NodemeshError):
+                nat.remove()
         if admin is not None:
             admin.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,7 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from nodemesh.fastpath import TcpStats
 
-TCP_LABELS = ("direction", "peer", "tls", "dst_namespace", "dst_service")
+# client_id (inbound) / server_id (outbound): the peer's verified SPIFFE ID on mTLS connections, as
+# Linkerd labels them; bounded by the identities in the config.
+TCP_LABELS = ("direction", "peer", "tls", "dst_namespace", "dst_service", "client_id", "server_id")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Why a connection failed before or instead of being relayed: a closed set, so it is a safe label.
@@ -31,6 +33,11 @@ ERRORS = (
     "tunnel_refused",  # the remote node's inbound answered non-200
     "handshake_error",  # malformed tunnel handshake (either direction)
     "unknown_pod",  # inbound: target is not a meshed pod on this node
+    "unauthorized",  # authorization policy refused the client (agent/authorizer.py)
+    "no_certificate",  # outbound: no certificate for the source identity in time (fail closed)
+    "tls_handshake",  # a TLS handshake with another node's proxy failed
+    "tls_identity",  # the peer's verified certificate is not the identity expected (or not a mesh identity)
+    "tunnel_error",  # the HTTP/2 tunnel broke (protocol error, reset)
 )
 
 _BPF_NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -40,16 +47,17 @@ class ProxyMetrics:
     """Owns the TcpStats per label set, the error counters and the private registry."""
 
     def __init__(self, bpf_counters: Callable[[], Mapping[str, int]] | None = None) -> None:
-        self._tcp: dict[tuple[str, str, str, str, str], TcpStats] = {}
+        self._tcp: dict[tuple[str, ...], TcpStats] = {}
         self._errors: Counter[tuple[str, str]] = Counter()
         self.bpf_counters = bpf_counters
         self.config_version = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
-    def tcp(self, direction: str, peer: str, dst_namespace: str = "", dst_service: str = "", tls: bool = False) -> TcpStats:
+    def tcp(self, direction: str, peer: str, dst_namespace: str = "", dst_service: str = "", tls: bool = False,
+            client_id: str = "", server_id: str = "") -> TcpStats:
         """The counters for one label set, created on first use and kept (counters never go back)."""
-        key = (direction, peer, "true" if tls else "false", dst_namespace, dst_service)
+        key = (direction, peer, "true" if tls else "false", dst_namespace, dst_service, client_id, server_id)
         stats = self._tcp.get(key)
         if stats is None:
             stats = self._tcp[key] = TcpStats()
@@ -78,18 +86,20 @@ class _Collector:
     def collect(self) -> Iterator[Metric]:
         m = self._m
         fams = {
-            "open": CounterMetricFamily("tcp_open_total", "Total number of TCP connections opened", labels=TCP_LABELS),
-            "conns": GaugeMetricFamily("tcp_open_connections", "Number of currently open TCP connections", labels=TCP_LABELS),
-            "close": CounterMetricFamily("tcp_close_total", "Total number of TCP connections closed", labels=TCP_LABELS),
-            "read": CounterMetricFamily("tcp_read_bytes_total", "Total bytes read from peers", labels=TCP_LABELS),
-            "write": CounterMetricFamily("tcp_write_bytes_total", "Total bytes written to peers", labels=TCP_LABELS),
+            "open": CounterMetricFamily("tcp_open_total", "Total number of TCP connections opened"),
+            "conns": GaugeMetricFamily("tcp_open_connections", "Number of currently open TCP connections"),
+            "close": CounterMetricFamily("tcp_close_total", "Total number of TCP connections closed"),
+            "read": CounterMetricFamily("tcp_read_bytes_total", "Total bytes read from peers"),
+            "write": CounterMetricFamily("tcp_write_bytes_total", "Total bytes written to peers"),
         }
+        names = {"open": "tcp_open_total", "conns": "tcp_open_connections", "close": "tcp_close_total",
+                 "read": "tcp_read_bytes_total", "write": "tcp_write_bytes_total"}
         for key, s in list(m._tcp.items()):
-            fams["open"].add_metric(key, s.open_total)
-            fams["conns"].add_metric(key, s.open_connections)
-            fams["close"].add_metric(key, s.close_total)
-            fams["read"].add_metric(key, s.read_bytes)
-            fams["write"].add_metric(key, s.write_bytes)
+            # client_id / server_id appear only where known (mTLS), as in Linkerd's output
+            labels = {k: v for k, v in zip(TCP_LABELS, key) if v or k not in ("client_id", "server_id")}
+            values = {"open": s.open_total, "conns": s.open_connections, "close": s.close_total, "read": s.read_bytes, "write": s.write_bytes}
+            for f, v in values.items():
+                fams[f].add_sample(names[f], labels, v)
         yield from fams.values()
 
         errors = CounterMetricFamily(

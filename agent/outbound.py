@@ -15,14 +15,21 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+from typing import TYPE_CHECKING
 
+from nodemesh.agent.authorizer import Authorizer, Subject
 from nodemesh.agent.balance import Balancer
 from nodemesh.agent.decide import Plan, decide
 from nodemesh.agent.handshake import HandshakeError, ResponseParser, TunnelResponse, encode_request
 from nodemesh.agent.metrics import ProxyMetrics
 from nodemesh.agent.relay import Relay, reset_transport
 from nodemesh.agent.workloads import NodeView
+from nodemesh.authz import ClientInfo
 from nodemesh.fastpath import TcpStats
+
+if TYPE_CHECKING:
+    from nodemesh.agent.http_proxy import HttpProxy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,17 @@ class ListenerContext:
     metrics: ProxyMetrics
     connections: set[asyncio.BaseTransport]  # live accepted transports, closed by NodeProxy.stop
     connect_timeout: float = 5.0
+    # mTLS tunnel pool (agent/tunnel.py TunnelPool). When set, remote plans only ever go through
+    # it: no plaintext fallback across nodes.
+    tunnels: Any = None
+    authz: Authorizer | None = None  # None: no policy enforcement (tests of the bare data path)
+    l7: HttpProxy | None = None  # None: L4 only (no protocol detection)
+    # iptables mode: the original destination from the accepted socket itself (SO_ORIGINAL_DST,
+    # agent/original_dst.py) instead of `original_dst`'s BPF lookup by peer address.
+    original_dst_of_socket: Callable[[Any], "tuple[str, int] | None"] | None = None
+    # Same-node kernel splice (agent/splice.py Splicer): local L4 plans are handed to the kernel
+    # once relaying. None: always relayed in user space.
+    splicer: Any = None
 
 
 # ---- connect: dialing an upstream, shared with inbound.py ---------------------------------------
@@ -91,7 +109,7 @@ class Upstream(asyncio.Protocol):
                 return
             self.response, data = parsed
             if not self.response.ok:
-                self._fail(DialError("tunnel_refused", f"tunnel refused: {self.response.status} {self.response.reason}"))
+                self._fail(DialError("tunnel_refused", f"tunnel refused: {self.response.status} {self.response.reason}", self.response.status))
                 return
             if not self.ready.done():
                 self.ready.set_result(None)
@@ -145,6 +163,9 @@ class OutboundConnection(asyncio.Protocol):
         self.eof = False
         self._task: asyncio.Task[None] | None = None
         self._stats: TcpStats | None = None
+        self.authz_subject: Subject | None = None  # set once authorized; re-checked on policy change
+        self._detecting: asyncio.TimerHandle | None = None  # L7: waiting for the client's first bytes
+        self.orig_dst: tuple[str, int] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -152,7 +173,10 @@ class OutboundConnection(asyncio.Protocol):
         ctx.connections.add(transport)
         peer = transport.get_extra_info("peername")
         try:
-            orig = ctx.original_dst(peer[0], peer[1]) if peer else None
+            if ctx.original_dst_of_socket is not None:
+                orig = ctx.original_dst_of_socket(transport.get_extra_info("socket"))
+            else:
+                orig = ctx.original_dst(peer[0], peer[1]) if peer else None
         except Exception:
             log.exception("original destination lookup failed for %s", peer)
             orig = None
@@ -164,12 +188,52 @@ class OutboundConnection(asyncio.Protocol):
             return
         self.plan = plan = decide(ctx.view(), peer[0], orig, ctx.balancer)
         self._open_stats(plan.labels.dst_namespace, plan.labels.dst_service)
-        if plan.kind == "reject":
+        if plan.kind == "reject" and (ctx.l7 is None or not ctx.l7.wants_detection(plan, orig)):
             ctx.metrics.error("outbound", "no_route")
             log.info("outbound %s -> %s:%s rejected: %s", peer[0], orig[0], orig[1], plan.reason)
             reset_transport(transport)
             return
+        # The one L7 hook: a service port whose clients may speak HTTP waits (briefly) for the first
+        # bytes; agent/http_proxy.py takes HTTP/1 connections over (and authorizes each request
+        # against the endpoint it picks), the rest goes on as L4 below.
+        if ctx.l7 is not None and ctx.l7.wants_detection(plan, orig):
+            self.orig_dst = orig  # the BPF lookup is not repeatable: keep it for the hand-over
+            self._detecting = asyncio.get_running_loop().call_later(ctx.l7.detect_timeout, self._detected, True)
+            return
+        if not self._authorize_local(plan):
+            return
         self._task = asyncio.get_running_loop().create_task(self._connect(plan))
+
+    def _authorize_local(self, plan: Plan) -> bool:
+        """Same node: the proxy is the target's inbound too, so it authorizes here, with the source
+        pod's identity (from its IP on this node), before a byte reaches the pod. False: reset."""
+        ctx = self.ctx
+        if plan.kind != "local" or ctx.authz is None or plan.target is None:
+            return True
+        t = plan.target
+        peer = self.transport.get_extra_info("peername")
+        subject = Subject(ClientInfo(plan.src_identity, peer[0] if peer else ""), t.namespace, t.pod, t.ip, t.port)
+        if not ctx.authz.check(subject).allowed:
+            ctx.metrics.error("outbound", "unauthorized")
+            reset_transport(self.transport)
+            return False
+        self.authz_subject = subject
+        return True
+
+    def _detected(self, timed_out: bool) -> None:
+        assert self.ctx.l7 is not None and self.plan is not None and self._detecting is not None
+        self._detecting.cancel()
+        self._detecting = None
+        if self.ctx.l7.take_over(self, timed_out):
+            return
+        if self.plan.kind == "reject":  # a service without endpoints, and not HTTP: no 503 to give
+            self.ctx.metrics.error("outbound", "no_route")
+            log.info("outbound to %s rejected: %s", self.plan.labels.authority, self.plan.reason)
+            reset_transport(self.transport)
+            return
+        if not self._authorize_local(self.plan):  # L4 after all: the connection-level check
+            return
+        self._task = asyncio.get_running_loop().create_task(self._connect(self.plan))
 
     def _open_stats(self, ns: str, svc: str) -> None:
         self._stats = self.ctx.metrics.tcp("outbound", "src", ns, svc)
@@ -179,9 +243,13 @@ class OutboundConnection(asyncio.Protocol):
         self.pending += data
         if len(self.pending) > PREBUFFER:
             self.transport.pause_reading()
+        if self._detecting is not None and self.ctx.l7 is not None and self.ctx.l7.decided(self.pending):
+            self._detected(False)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._detecting is not None:
+            self._detected(False)
         return True  # the client may still want the response to what it sent
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,6 +259,8 @@ class OutboundConnection(asyncio.Protocol):
             self._stats.closed()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._detecting is not None:
+            self._detecting.cancel()
 
     async def _connect(self, plan: Plan) -> None:
         ctx = self.ctx
@@ -200,7 +270,10 @@ class OutboundConnection(asyncio.Protocol):
                 request = encode_request(plan.tunnel) if plan.tunnel is not None else None
             except HandshakeError as exc:  # e.g. an identity the config got wrong: fail this one only
                 raise DialError("handshake_error", f"cannot encode the tunnel request: {exc}") from None
-            upstream, up = await dial(plan.connect, request, ctx.connect_timeout)
+            if plan.kind == "remote" and ctx.tunnels is not None:
+                upstream, up = await ctx.tunnels.dial(plan, ctx.connect_timeout)
+            else:
+                upstream, up = await dial(plan.connect, request, ctx.connect_timeout)
         except DialError as exc:
             ctx.metrics.error("outbound", exc.error)
             log.info("outbound to %s via %s:%s failed: %s", plan.labels.authority, *plan.connect, exc)
@@ -214,9 +287,14 @@ class OutboundConnection(asyncio.Protocol):
             ctx.metrics.error("outbound", "connect_failed")
             reset_transport(self.transport)
             return
-        up_stats = ctx.metrics.tcp("outbound", "dst", plan.labels.dst_namespace, plan.labels.dst_service)
+        tls = plan.kind == "remote" and ctx.tunnels is not None
+        up_stats = ctx.metrics.tcp("outbound", "dst", plan.labels.dst_namespace, plan.labels.dst_service,
+                                   tls=tls, server_id=plan.target.identity if tls and plan.target else "")
         up_stats.opened()
         client = self.transport
-        relay = Relay(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)
+        splicer = ctx.splicer if plan.kind == "local" else None
+        relay = (Relay if splicer is None else splicer.relay)(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)
         relay.start(client, upstream, a_pending=bytes(self.pending), a_eof=self.eof, b_pending=bytes(up.pending), b_eof=up.eof)
+        if splicer is not None:
+            splicer.start(relay)
         self.pending = bytearray()

@@ -11,8 +11,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from nodemesh.agent.authorizer import Authorizer
 from nodemesh.agent.balance import Balancer, RoundRobin
+from nodemesh.agent.h2_proxy import H2Proxy
+from nodemesh.agent.http_proxy import HttpProxy
 from nodemesh.agent.inbound import InboundConnection
 from nodemesh.agent.metrics import ProxyMetrics
 from nodemesh.agent.outbound import ListenerContext, OriginalDst, OutboundConnection
@@ -48,6 +52,10 @@ class NodeProxy:
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.metrics = ProxyMetrics(bpf_counters)
         self._connections: set[asyncio.BaseTransport] = set()
+        self.authz = Authorizer()
+        self.metrics.registry.register(self.authz)
+        self.l7 = HttpProxy(self.metrics, connect_timeout)  # HTTP/1 detected on service ports
+        self.l7.h2 = self.h2 = H2Proxy(self.l7, connect_timeout)  # the h2 preface (gRPC) detected on them
         self._ctx = ListenerContext(
             view=lambda: self._view,
             balancer=self.balancer,
@@ -55,6 +63,8 @@ class NodeProxy:
             metrics=self.metrics,
             connections=self._connections,
             connect_timeout=connect_timeout,
+            authz=self.authz,
+            l7=self.l7,
         )
         self._servers: list[asyncio.AbstractServer] = []
         self.addresses: ProxyAddresses | None = None
@@ -84,6 +94,10 @@ class NodeProxy:
             raise ValueError(f"config is for node {cfg.node!r}, this proxy serves {self.node!r}")
         view = NodeView.from_config(cfg)
         self._view = view
+        # Policy with the view it belongs to; a malformed policy keeps the last good one. Live
+        # connections the new policy refuses are cut here, synchronously.
+        self.authz.apply(cfg, self._live_transports())
+        self.l7.apply_config(cfg)
         self._applied = True
         self.metrics.config_version = cfg.version
         retain = getattr(self.balancer, "retain", None)
@@ -92,6 +106,28 @@ class NodeProxy:
         if self._set_meshed is not None:
             self._set_meshed(view.meshed_destinations())
         log.info("applied config %s", view)
+
+    async def enable_mtls(self, identity: Any, listen: tuple[str, int], tunnel_addr: Any = None) -> tuple[str, int]:
+        """Cross-node traffic over mTLS HTTP/2 tunnels (agent/tunnel.py) from here on: outbound
+        remote plans go only through the pool, inbound tunnels are served on `listen` (15008).
+        Call before start(). Returns the bound tunnel address."""
+        from dataclasses import replace
+
+        from nodemesh.agent.tunnel import MeshTls, TunnelPool, TunnelServer, default_tunnel_addr
+
+        tls = MeshTls(identity)
+        self.tunnels = TunnelPool(identity, tls, tunnel_addr or default_tunnel_addr)
+        self._ctx = replace(self._ctx, tunnels=self.tunnels)
+        self.tunnel_server = TunnelServer(self._ctx, identity, tls)
+        return await self.tunnel_server.start(*listen)
+
+    def _live_transports(self) -> list[asyncio.BaseTransport]:
+        """Accepted connections plus inbound mTLS tunnel streams: what authorization re-checks."""
+        live: list[asyncio.BaseTransport] = list(self._connections)
+        server = getattr(self, "tunnel_server", None)
+        if server is not None:
+            live += [st for mux in list(server.muxes) for st in list(mux.streams.values())]  # type: ignore[misc]
+        return live
 
     async def start(self, outbound: tuple[str, int], inbound: tuple[str, int]) -> ProxyAddresses:
         """Listen on both addresses (port 0 = ephemeral) and return the bound ones."""
@@ -109,12 +145,41 @@ class NodeProxy:
         log.info("node proxy for %s listening: outbound %s:%s, inbound %s:%s", self.node, *self.addresses.outbound, *self.addresses.inbound)
         return self.addresses
 
+    def use_conntrack_original_dst(self) -> None:
+        """iptables mode: outbound connections were DNATed in this netns; their original
+        destination comes from conntrack (SO_ORIGINAL_DST). Call before start()."""
+        from dataclasses import replace
+
+        from nodemesh.agent.original_dst import original_dst
+
+        self._ctx = replace(self._ctx, original_dst_of_socket=original_dst)
+
+    def enable_splice(self, splicer: Any) -> None:
+        """Hand same-node opaque TCP connections to the kernel (agent/splice.py). Call before start()."""
+        from dataclasses import replace
+
+        self._ctx = replace(self._ctx, splicer=splicer)
+        self.metrics.registry.register(splicer)
+
+    async def listen_extra(self, protocol: Callable[[ListenerContext], asyncio.Protocol], addr: tuple[str, int]) -> tuple[str, int]:
+        """One more listener sharing this proxy's context (agent/capture.py's), stopped with the
+        others. Call after enable_mtls/start. Returns the bound address."""
+        ctx = self._ctx
+        srv = await asyncio.get_running_loop().create_server(lambda: protocol(ctx), addr[0], addr[1], reuse_address=True, backlog=1024)
+        self._servers.append(srv)
+        return srv.sockets[0].getsockname()[:2]
+
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting; after `grace` seconds close what is still open (the relay closes each
         connection's upstream with it)."""
         servers, self._servers = self._servers, []
         for s in servers:
             s.close()
+        if getattr(self, "tunnel_server", None) is not None:
+            await self.tunnel_server.close()
+            self.tunnels.close()
+        self.l7.close()  # idle pooled upstream connections
+        self.h2.close()
         if grace > 0 and self._connections:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace

@@ -12,11 +12,14 @@ import logging
 import random
 import ssl as ssl_module
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodemesh import wire
 from nodemesh.errors import ProtocolError
 from nodemesh.nodeconfig import NodeConfig
+
+if TYPE_CHECKING:
+    from nodemesh.agent.identity_client import AgentIdentity
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class ConfigStream:
         self,
         controller: tuple[str, int],
         node: str,
-        token: str,
+        token: str | Callable[[], str],
         on_config: Callable[[NodeConfig], None],
         *,
         ssl: ssl_module.SSLContext | None = None,
@@ -44,10 +47,15 @@ class ConfigStream:
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         auth_retry: float = AUTH_RETRY,
+        identity: AgentIdentity | None = None,
     ) -> None:
+        # A callable is read at each hello: Kubernetes rotates the projected token in its file.
         self.controller, self.node, self._token = controller, node, token
         self._on_config = on_config
         self._ssl = ssl
+        # With an identity, the stream is mTLS with the node certificate (bootstrapped with the
+        # token first) and carries this node's CSRs; the token is then never sent again.
+        self._identity = identity
         self.ping_interval = ping_interval
         self.backoff_base, self.backoff_cap, self.auth_retry = backoff_base, backoff_cap, auth_retry
         self._version = 0
@@ -104,23 +112,44 @@ class ConfigStream:
     async def _session(self) -> None:
         """One connection; always ends by raising (EOF, timeout, rejection, protocol error)."""
         self._connected_once = False
+        ident = self._identity
+        ssl = self._ssl
+        if ident is not None:
+            if not ident.has_node_cert():
+                from nodemesh.agent.identity_client import BootstrapError
+                try:
+                    await ident.bootstrap(self.controller)
+                except BootstrapError as exc:
+                    raise _Rejected(str(exc)) from None
+            ssl = ident.stream_ssl()
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(*self.controller, ssl=self._ssl), CONNECT_TIMEOUT)
+            asyncio.open_connection(*self.controller, ssl=ssl), CONNECT_TIMEOUT)
         try:
-            writer.write(wire.encode({"type": "hello", "node": self.node, "token": self._token, "version": self._version}))
+            hello = {"type": "hello", "node": self.node, "version": self._version}
+            if ident is None:  # with an identity the node certificate authenticates us, not the token
+                hello["token"] = self._token() if callable(self._token) else self._token
+            if ident is not None:
+                ident.verify_controller(writer)
+            writer.write(wire.encode(hello))
             await writer.drain()
             decoder = wire.FrameDecoder()
             pinger = asyncio.ensure_future(self._ping(writer))
+            csrs = asyncio.ensure_future(ident.run_csrs(lambda m: writer.write(wire.encode(m)))) if ident is not None else None
             try:
                 while True:
                     # The controller pings every interval: silence for three means a dead peer.
-                    data = await asyncio.wait_for(reader.read(65536), 3 * self.ping_interval)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that lands as
+                    # the read completes, and the stream would then outlive its own cancellation.
+                    async with asyncio.timeout(3 * self.ping_interval):
+                        data = await reader.read(65536)
                     if not data:
                         raise EOFError("controller closed the stream")
                     for msg in decoder.feed(data):
                         self._handle(msg)
             finally:
                 pinger.cancel()
+                if csrs is not None:
+                    csrs.cancel()
         finally:
             writer.close()
 
@@ -135,6 +164,8 @@ class ConfigStream:
             log.info("config stream to %s:%d up (holding version %d)", *self.controller, self._version)
         if kind == "config":
             self._apply(msg)
+        elif kind in ("cert", "csr_refused") and self._identity is not None:
+            self._identity.on_message(msg)
         elif kind != "ping":
             log.debug("ignoring unknown %r message from controller", kind)
 

@@ -46,6 +46,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 
     __u64 cookie = bpf_get_socket_cookie(ctx);
     orig_dst_by_cookie.update(&cookie, &dst);
+    peer_by_cookie.update(&cookie, &dst);   /* for getpeername4 (transparency) */
 
     ctx->user_ip4 = proxy->ip4;
     ctx->user_port = (__u32)proxy->port;

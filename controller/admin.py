@@ -32,6 +32,23 @@ class ControllerCollector(Collector):
         yield pushes
         yield CounterMetricFamily("nodemesh_controller_auth_failures", "Agent hellos rejected (unknown node, bad token, bad hello).",
                                   value=self.server.auth_failures)
+        ident = self.server.identity
+        if ident is not None:  # CA metrics (identity issue): what was signed, what was refused and why
+            signed = CounterMetricFamily("nodemesh_controller_certificates_signed", "Certificates issued, by kind.", labels=["kind"])
+            for kind, n in sorted(ident.signed.items()):
+                signed.add_metric([kind], n)
+            yield signed
+            refused = CounterMetricFamily("nodemesh_controller_csr_refused", "CSRs refused, by reason.", labels=["reason"])
+            for reason, n in sorted(ident.csr_refused.items()):
+                refused.add_metric([reason], n)
+            yield refused
+            boot = CounterMetricFamily("nodemesh_controller_bootstrap_refused", "Node bootstraps refused, by reason.", labels=["reason"])
+            for reason, n in sorted(ident.bootstrap_refused.items()):
+                boot.add_metric([reason], n)
+            yield boot
+            yield CounterMetricFamily("nodemesh_controller_issuer_rotations", "Issuer rotations since start.", value=ident.ca.rotations)
+            yield GaugeMetricFamily("nodemesh_controller_issuer_expiry_timestamp_seconds", "When the current issuer expires.",
+                                    value=ident.ca.issuer.cert.not_valid_after_utc.timestamp())
         yield CounterMetricFamily("nodemesh_controller_state_errors", "Cluster-state files or objects rejected as invalid.",
                                   value=self.state_errors())
         yield GaugeMetricFamily("nodemesh_controller_revision", "Current config revision (0 until the first state).",

@@ -14,6 +14,7 @@ from nodemesh.model import ClusterState
 from nodemesh.nodeconfig import NodeConfig
 
 from nodemesh.controller.discovery import node_config
+from nodemesh.controller.policy import with_policy
 
 
 def _same(a: NodeConfig, b: NodeConfig) -> bool:
@@ -23,13 +24,14 @@ def _same(a: NodeConfig, b: NodeConfig) -> bool:
 class ConfigStore:
     """Single-threaded (lives on the event loop); `update` is sync so any source can call it."""
 
-    def __init__(self, first_revision: int | None = None) -> None:
+    def __init__(self, first_revision: int | None = None, default_policy: str = "all-unauthenticated") -> None:
         # Revisions start from wall-clock milliseconds by default, so a restarted controller never
         # reuses a version an agent still holds for a different config (resume compares with !=).
         self.revision: int = time.time_ns() // 1_000_000 if first_revision is None else first_revision
         self.state: ClusterState | None = None
         self._configs: dict[str, NodeConfig] = {}
         self._changed = asyncio.Event()
+        self.default_policy = default_policy  # cluster-wide default inbound policy (a controller flag)
 
     @property
     def ready(self) -> bool:
@@ -42,7 +44,8 @@ class ConfigStore:
         self.state = state
         base = node_config(state, "", 0)  # the same for every node today: compute it once
         names = sorted({n.name for n in state.nodes} | set(self._configs))
-        fresh = {n: replace(base, node=n) for n in names}
+        # Authorization policy is per node (its local pods): the only part computed per node.
+        fresh = {n: with_policy(replace(base, node=n), state, self.default_policy) for n in names}
         changed = [n for n in names if n not in self._configs or not _same(self._configs[n], fresh[n])]
         if changed or first:
             self.revision += 1
@@ -61,7 +64,7 @@ class ConfigStore:
             return None
         cfg = self._configs.get(node)
         if cfg is None:
-            cfg = self._configs[node] = node_config(self.state, node, self.revision)
+            cfg = self._configs[node] = with_policy(node_config(self.state, node, self.revision), self.state, self.default_policy)
         return cfg
 
     def nodes(self) -> list[str]:

@@ -6,8 +6,11 @@ equal states give equal configs and every rule is a table-driven unit test.
 
 from __future__ import annotations
 
+from nodemesh.endpointslice_model import EndpointSlice, slices_by_service
 from nodemesh.model import ClusterState, Pod, Service, ServicePort, is_meshed
 from nodemesh.nodeconfig import Endpoint, NodeConfig, NodeInfo, ServicePortView, ServiceView, WorkloadPod
+
+from nodemesh.controller.routes import with_routes
 
 
 def _meshed_pods_with_ip(state: ClusterState) -> list[Pod]:
@@ -38,7 +41,13 @@ def _target_port(port: ServicePort, pod: Pod) -> int | None:
     return None  # the pod does not expose that name: it is no endpoint for this port (as kube-proxy)
 
 
-def _endpoints(state: ClusterState, service: Service, pods: list[Pod]) -> tuple[tuple[Endpoint, ...], ...]:
+def _endpoints(state: ClusterState, service: Service, pods: list[Pod],
+               slices: dict[tuple[str, str], list[EndpointSlice]] | None = None) -> tuple[tuple[Endpoint, ...], ...]:
+    """A Service with EndpointSlices (Kubernetes) takes its endpoints from them; one without (the
+    lab, or a cluster's Service before the EndpointSlice controller wrote one) from its selector."""
+    own = (slices if slices is not None else slices_by_service(state)).get((service.namespace, service.name))
+    if own:
+        return _slice_endpoints(state, service, pods, own)
     selected = [p for p in pods if _selects(service, p)]
     out = []
     for sp in service.ports:
@@ -52,6 +61,33 @@ def _endpoints(state: ClusterState, service: Service, pods: list[Pod]) -> tuple[
                     node=pod.node_name, identity=pod.identity(state.trust_domain),
                 ))
         out.append(tuple(eps))
+    return tuple(out)
+
+
+def _slice_endpoints(state: ClusterState, service: Service, pods: list[Pod],
+                     slices: list[EndpointSlice]) -> tuple[tuple[Endpoint, ...], ...]:
+    """Ready IPv4 endpoints of meshed pods, per service port (matched by name and protocol, as
+    kube-proxy does), deduplicated (a pod may sit in two slices while they are rebalanced) and in
+    the selector path's order, so both paths give equal configs for equal clusters."""
+    meshed = {(p.namespace, p.name): p for p in pods}
+    out = []
+    for sp in service.ports:
+        eps: dict[tuple[str, str], Endpoint] = {}
+        for sl in slices:
+            if sl.address_type != "IPv4":
+                continue  # the mesh routes IPv4 today
+            port = next((p.port for p in sl.ports if p.name == sp.name and p.protocol == sp.protocol), None)
+            if port is None:
+                continue
+            for e in sl.endpoints:
+                pod = meshed.get((e.pod_namespace, e.pod)) if e.pod else None
+                if not e.ready or pod is None:
+                    continue  # not ready, or not a meshed pod: no identity to route to
+                eps.setdefault((pod.namespace, pod.name), Endpoint(
+                    namespace=pod.namespace, pod=pod.name, ip=e.addresses[0], port=port,
+                    node=e.node_name or pod.node_name, identity=pod.identity(state.trust_domain),
+                ))
+        out.append(tuple(eps[k] for k in sorted(eps)))
     return tuple(out)
 
 
@@ -72,10 +108,11 @@ def node_config(state: ClusterState, node_name: str, version: int) -> NodeConfig
         if n.internal_ip and n.pod_cidr  # a node not yet addressed cannot be routed to
     )
     services = []
+    slices = slices_by_service(state)
     for svc in state.services:
         if svc.cluster_ip is None:  # headless: nothing to intercept by VIP
             continue
-        eps = _endpoints(state, svc, pods)
+        eps = _endpoints(state, svc, pods, slices)
         services.append(ServiceView(
             namespace=svc.namespace, name=svc.name, cluster_ip=svc.cluster_ip,
             ports=tuple(
@@ -91,7 +128,8 @@ def node_config(state: ClusterState, node_name: str, version: int) -> NodeConfig
         for p in pods
         if p.pod_ip is not None
     )
-    return NodeConfig(
+    cfg = NodeConfig(
         version=version, node=node_name, trust_domain=state.trust_domain,
         nodes=nodes, services=tuple(services), pods=workloads,
     )
+    return with_routes(cfg, state)  # HTTPRoutes and opaque ports (L7 issue)

@@ -7,7 +7,6 @@ streams. Transport creation is in `StreamServer.start` alone, so mTLS is one `ss
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import ssl as ssl_module
@@ -19,7 +18,9 @@ from nodemesh import wire
 from nodemesh.errors import ConfigError, ProtocolError
 from nodemesh.nodeconfig import NodeConfig
 
+from nodemesh.controller.agent_auth import AgentAuthenticator, AgentAuthRefused, StaticTokens
 from nodemesh.controller.config_store import ConfigStore
+from nodemesh.controller.identity_service import BootstrapRefused, IdentityService
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,18 @@ class _Conn:
 
 
 class StreamServer:
-    """Serves the config stream for the nodes in `tokens`. Counters are read by the admin metrics."""
+    """Serves the config stream to the agents `authenticator` accepts (default: the static `tokens`,
+    node -> token). Counters are read by the admin metrics."""
 
-    def __init__(self, store: ConfigStore, tokens: Mapping[str, str], ping_interval: float = PING_INTERVAL) -> None:
+    def __init__(self, store: ConfigStore, tokens: Mapping[str, str] | None = None, ping_interval: float = PING_INTERVAL,
+                 identity: IdentityService | None = None, authenticator: AgentAuthenticator | None = None) -> None:
         self.store = store
-        self.tokens = dict(tokens)
+        if authenticator is None:
+            authenticator = identity.authenticator if identity is not None and tokens is None else StaticTokens(tokens or {})
+        self.authenticator = authenticator
+        # With an identity service the stream is mTLS: tokens only bootstrap a node certificate,
+        # hellos are authenticated by that certificate, and nodes send CSRs over the stream.
+        self.identity = identity
         self.ping_interval = ping_interval
         self.connected: Counter[str] = Counter()  # node -> live authenticated connections
         self.pushes: Counter[str] = Counter()  # node -> configs sent
@@ -119,6 +127,9 @@ class StreamServer:
             hello = await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT)
             if hello is None:
                 return
+            if hello.get("type") == "bootstrap" and self.identity is not None:
+                await self._bootstrap(conn, hello, peer)
+                return
             node, version = await self._authenticate(conn, hello, peer)
             if node is None:
                 return
@@ -141,21 +152,42 @@ class StreamServer:
                 log.info("agent %s at %s disconnected", node, peer)
             writer.close()
 
+    async def _bootstrap(self, conn: _Conn, msg: dict[str, Any], peer: Any) -> None:
+        assert self.identity is not None
+        try:
+            await conn.send(await self.identity.bootstrap(msg))
+        except BootstrapRefused as exc:
+            self.auth_failures += 1
+            await conn.send({"type": "error", "reason": str(exc), "code": exc.reason})
+
+    def _cert_node(self, conn: _Conn) -> str | None:
+        assert self.identity is not None
+        ssl_obj = conn.writer.get_extra_info("ssl_object")
+        try:
+            return self.identity.peer_node(ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None)
+        except Exception as exc:  # IdentityError: a verified chain with a non-node identity
+            log.warning("agent certificate is not a node identity: %s", exc)
+            return None
+
     async def _authenticate(self, conn: _Conn, hello: dict[str, Any], peer: Any) -> tuple[str | None, int]:
         node, token, version = hello.get("node"), hello.get("token"), hello.get("version", 0)
-        if hello.get("type") != "hello" or not isinstance(node, str) or not isinstance(token, str) \
+        if self.identity is not None and hello.get("type") == "hello" and isinstance(node, str) \
+                and isinstance(version, int) and not isinstance(version, bool):
+            cert_node = self._cert_node(conn)
+            if cert_node is None:
+                reason = f"node {node!r} presented no node certificate: bootstrap with the node's token first, then connect with mTLS"
+            elif cert_node != node:
+                reason = f"certificate is for node {cert_node!r}, not {node!r}"
+            else:
+                return node, version
+        elif hello.get("type") != "hello" or not isinstance(node, str) or not isinstance(token, str) \
                 or not isinstance(version, int) or isinstance(version, bool):
             reason = "the first message must be {type: hello, node: str, token: str, version: int}"
         else:
-            expected = self.tokens.get(node)
-            # compare_digest even for unknown nodes, so timing says nothing about the token
-            ok = hmac.compare_digest((expected or "\0").encode(), token.encode())
-            if expected is None:
-                reason = f"unknown node {node!r}: the controller has no bootstrap token for it"
-            elif not ok:
-                reason = f"bad bootstrap token for node {node!r}: use the token issued for this node"
-            else:
-                return node, version
+            try:
+                return await self.authenticator.authenticate(node, token), version
+            except AgentAuthRefused as exc:
+                reason = str(exc)
         self.auth_failures += 1
         log.warning("rejected agent at %s: %s", peer, reason)
         await conn.send({"type": "error", "reason": reason})
@@ -195,5 +227,7 @@ class StreamServer:
                 return
             if msg is None:
                 return
-            if msg["type"] not in ("ping",):
+            if msg["type"] == "csr" and self.identity is not None:
+                await conn.send(self.identity.sign(node, msg))
+            elif msg["type"] not in ("ping",):
                 log.debug("agent %s sent an unexpected %r message; ignored", node, msg["type"])

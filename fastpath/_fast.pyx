@@ -3,3 +3,8 @@
 # call each other through C vtables without cross-module cimport (see DESIGN.md, Packaging).
 
 include "tcp_stats.pyx"
+include "detect.pyx"
+include "balance.pyx"
+include "histogram.pyx"
+include "route.pyx"
+include "http1.pyx"

@@ -15,6 +15,7 @@ from typing import Any, Union
 
 import yaml
 
+from nodemesh import endpointslice_model, policy_model, route_model
 from nodemesh.errors import ConfigError
 
 MESH_LABEL = "nodemesh.io/mesh"
@@ -107,10 +108,12 @@ class Pod:
         return spiffe_id(self.namespace, self.service_account, trust_domain)
 
 
-Object = Union[Node, Namespace, ServiceAccount, Service, Pod]
+Object = Union[Node, Namespace, ServiceAccount, Service, Pod, policy_model.PolicyObject, route_model.HTTPRoute,
+               endpointslice_model.EndpointSlice]
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name)
 
-SUPPORTED_KINDS = ("Node", "Namespace", "ServiceAccount", "Service", "Pod")
+SUPPORTED_KINDS = ("Node", "Namespace", "ServiceAccount", "Service", "Pod") + policy_model.KINDS + route_model.KINDS \
+    + endpointslice_model.KINDS
 
 
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
@@ -307,7 +310,9 @@ def parse_object(doc: Any, source: str, index: int = 0) -> Object:
     if kind == "Node":
         return _parse_node(r)
     if kind == "Namespace":
-        return _parse_namespace(r)
+        namespace = _parse_namespace(r)
+        policy_model.check_default_annotation(r, namespace.annotations)  # authorization policy hook
+        return namespace
     ns = meta.get("namespace") or "default"
     if not isinstance(ns, str) or not _DNS_LABEL.match(ns):
         raise r.fail("metadata.namespace", f"{ns!r} is not a valid namespace name")
@@ -315,7 +320,15 @@ def parse_object(doc: Any, source: str, index: int = 0) -> Object:
         return ServiceAccount(namespace=ns, name=_name(r, "metadata.name"))
     if kind == "Service":
         return _parse_service(r, ns)
-    return _parse_pod(r, ns)
+    if kind in policy_model.KINDS:  # authorization policy hook
+        return policy_model.parse(r, kind, ns)
+    if kind in route_model.KINDS:  # HTTP routing hook
+        return route_model.parse(r, kind, ns)
+    if kind in endpointslice_model.KINDS:  # Kubernetes-computed endpoints hook
+        return endpointslice_model.parse(r, kind, ns)
+    pod = _parse_pod(r, ns)
+    policy_model.check_default_annotation(r, pod.annotations)  # authorization policy hook
+    return pod
 
 
 def parse_documents(text: str, source: str) -> list[Object]:
@@ -429,6 +442,8 @@ def validate(state: ClusterState, source: str = "") -> None:
             if ip in seen_ips:
                 raise ConfigError(f"address {ip} is already used by {seen_ips[ip]}", source=source, obj=what, field=fld)
             seen_ips[ip] = what
+    policy_model.validate(state, source)  # authorization policy hook: references, Server conflicts
+    route_model.validate(state, source)  # HTTP routing hook: parent Services exist
 
 
 def is_meshed(pod: Pod, namespace: Namespace | None) -> bool:
@@ -439,6 +454,12 @@ def is_meshed(pod: Pod, namespace: Namespace | None) -> bool:
 
 def dump_object(obj: Object) -> dict[str, Any]:
     """Back to Kubernetes-shaped YAML data (used by the lab to write the controller's directory)."""
+    if isinstance(obj, policy_model.KIND_TYPES):  # authorization policy hook
+        return policy_model.dump(obj)
+    if isinstance(obj, route_model.KIND_TYPES):  # HTTP routing hook
+        return route_model.dump(obj)
+    if isinstance(obj, endpointslice_model.KIND_TYPES):  # Kubernetes-computed endpoints hook
+        return endpointslice_model.dump(obj)
     meta: dict[str, Any] = {"name": obj.name}
     if obj.namespace:
         meta["namespace"] = obj.namespace

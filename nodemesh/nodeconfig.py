@@ -11,6 +11,7 @@ from typing import Any
 
 OUTBOUND_PORT = 4140
 INBOUND_PORT = 4143
+CAPTURE_PORT = 4145  # node proxy: connections to local meshed pods that bypassed the mesh (DNAT target)
 TUNNEL_PORT = 15008
 ADMIN_PORT = 4191
 CONTROLLER_PORT = 8086

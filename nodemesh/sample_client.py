@@ -12,6 +12,8 @@ import json
 import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,13 +27,53 @@ def _percentile(sorted_ms: list[float], q: float) -> float | None:
     return round(sorted_ms[i], 3)
 
 
-def run(url: str, count: int, new_connection_per_request: bool = False, timeout: float = 5.0) -> dict[str, Any]:
-    """Send `count` GETs to `url`; return {ok, errors, by_pod, by_node, by_status, latency_ms: {p50, p99}, last_error}."""
+@dataclass
+class _Tally:
+    ok: int = 0
+    errors: int = 0
+    by_pod: Counter[str] = field(default_factory=Counter)
+    by_node: Counter[str] = field(default_factory=Counter)
+    by_status: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    last_error: str = ""
+
+
+def run(url: str, count: int, new_connection_per_request: bool = False, timeout: float = 5.0, concurrency: int = 1) -> dict[str, Any]:
+    """Send `count` GETs to `url` from `concurrency` parallel clients; return
+    {ok, errors, by_pod, by_node, by_status, latency_ms: {p50, p99}, last_error}."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{url!r}: only http://host[:port]/path URLs are supported")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host, port = parts.hostname, parts.port or 80
+    concurrency = max(1, min(concurrency, count))
+    shares = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        tallies = list(pool.map(lambda n: _client(host, port, path, n, new_connection_per_request, timeout), shares))
+    total = _Tally()
+    for t in tallies:
+        total.ok += t.ok
+        total.errors += t.errors
+        total.by_pod.update(t.by_pod)
+        total.by_node.update(t.by_node)
+        total.by_status.update(t.by_status)
+        total.latencies += t.latencies
+        total.last_error = t.last_error or total.last_error
+    total.latencies.sort()
+    return {
+        "url": url,
+        "ok": total.ok,
+        "errors": total.errors,
+        "by_pod": dict(sorted(total.by_pod.items())),
+        "by_node": dict(sorted(total.by_node.items())),
+        "by_status": dict(sorted(total.by_status.items())),
+        "latency_ms": {"p50": _percentile(total.latencies, 0.50), "p99": _percentile(total.latencies, 0.99)},
+        "last_error": total.last_error,
+    }
+
+
+def _client(host: str, port: int, path: str, count: int, new_connection_per_request: bool, timeout: float) -> _Tally:
+    """One sequential client: `count` GETs over one keep-alive connection (or one each)."""
     ok = errors = 0
     by_pod: Counter[str] = Counter()
     by_node: Counter[str] = Counter()
@@ -73,17 +115,7 @@ def run(url: str, count: int, new_connection_per_request: bool = False, timeout:
             conn = None
     if conn is not None:
         conn.close()
-    latencies.sort()
-    return {
-        "url": url,
-        "ok": ok,
-        "errors": errors,
-        "by_pod": dict(sorted(by_pod.items())),
-        "by_node": dict(sorted(by_node.items())),
-        "by_status": dict(sorted(by_status.items())),
-        "latency_ms": {"p50": _percentile(latencies, 0.50), "p99": _percentile(latencies, 0.99)},
-        "last_error": last_error,
-    }
+    return _Tally(ok, errors, by_pod, by_node, by_status, latencies, last_error)
 
 
 @click.command("sample-client")
@@ -91,10 +123,11 @@ def run(url: str, count: int, new_connection_per_request: bool = False, timeout:
 @click.option("-n", "--count", default=10, show_default=True, type=click.IntRange(min=1), help="Requests to send.")
 @click.option("--new-connection", "--new-connection-per-request", "new_connection_per_request", is_flag=True, help="Open a new TCP connection for every request.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds per request.")
-def command(url: str, count: int, new_connection_per_request: bool, timeout: float) -> None:
+@click.option("-c", "--concurrency", default=1, show_default=True, type=click.IntRange(min=1, max=256), help="Parallel clients sharing the COUNT requests.")
+def command(url: str, count: int, new_connection_per_request: bool, timeout: float, concurrency: int) -> None:
     """Send COUNT GETs to URL and print a JSON summary; exits 1 if any request failed."""
     try:
-        summary = run(url, count, new_connection_per_request, timeout)
+        summary = run(url, count, new_connection_per_request, timeout, concurrency)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="URL") from None
     click.echo(json.dumps(summary, indent=2))

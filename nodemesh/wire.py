@@ -5,6 +5,14 @@ Each frame is a 4-byte big-endian length and a UTF-8 JSON object with a "type". 
   controller -> agent  {"type": "config", "version": int, "config": NodeConfig dict}
                        {"type": "error", "reason": str}   (then the controller closes)
   both ways            {"type": "ping"}                  (keepalive; liveness of a quiet stream)
+With identity (mTLS stream; see controller/identity_service.py, agent/identity_client.py):
+  agent -> controller  {"type": "bootstrap", "node", "token", "csr"}   (first and only message of a
+                       server-authenticated TLS connection; the token is single use)
+  controller -> agent  {"type": "node_cert", "identity", "chain": [PEM...], "bundle": PEM}
+  agent -> controller  {"type": "csr", "id": int, "csr": PEM}          (on the mTLS stream, after hello)
+  controller -> agent  {"type": "cert", "id", "identity", "chain", "bundle"}
+                       {"type": "csr_refused", "id", "reason", "message"}
+  The mTLS hello carries no token: the node certificate authenticates it.
 Resume: an agent reconnecting sends the version it holds; the controller sends a config only if
 that node's config changed since (the agent keeps serving its last good config meanwhile).
 """

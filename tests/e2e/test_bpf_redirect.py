@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from nodemesh.agent.bpf_loader import CGROUP_PROGRAMS
 from nodemesh.cgroups import cgroup2_mount
 
 pytestmark = [
@@ -341,7 +342,7 @@ def test_close_removes_redirect_and_detaches(topo, progs, proxy, backend) -> Non
     progs.set_meshed([(HOST_IP, backend.port)])
     [before] = run_client(topo.pod_cg, [(HOST_IP, backend.port)])
     assert before.get("answer") == "proxy", before
-    assert len(attached_programs(topo.node_cg)) == 2
+    assert len(attached_programs(topo.node_cg)) == len(CGROUP_PROGRAMS)
 
     progs.close()
     progs.close()  # idempotent
@@ -401,7 +402,8 @@ def test_preflight_errors_are_clear(tmp_path, monkeypatch) -> None:
     broken = tmp_path / "bpf"
     broken.mkdir()
     (broken / "connect.c").write_text("int nm_connect4(struct bpf_sock_addr *ctx) { return oops; }\n")
-    (broken / "sockops.c").write_text("")
+    for name in bpf_loader.SOURCES[1:]:
+        (broken / name).write_text("")
     monkeypatch.setattr(bpf_loader, "_bpf_source_dir", lambda: str(broken))
     assert "cannot compile the BPF programs" in error_of()
 
@@ -415,7 +417,7 @@ def test_second_loader_replaces_first_and_first_close_spares_it(topo, progs, pro
     try:
         second.load()
         second_ids = {p["id"] for p in attached_programs(topo.node_cg)}
-        assert len(second_ids) == 2 and not second_ids & first_ids  # replaced, not stacked
+        assert len(second_ids) == len(CGROUP_PROGRAMS) and not second_ids & first_ids  # replaced, not stacked
         progs.close()  # the old instance must not detach the new one's programs
         assert {p["id"] for p in attached_programs(topo.node_cg)} == second_ids
         proxy.lookup = second.lookup_original_dst
@@ -426,3 +428,19 @@ def test_second_loader_replaces_first_and_first_close_spares_it(topo, progs, pro
     finally:
         second.close()
     assert attached_programs(topo.node_cg) == []
+
+
+def test_full_meshed_map_is_counted_and_logged_not_a_crash(progs, caplog: pytest.LogCaptureFixture) -> None:
+    """One destination more than meshed_dsts holds: service ports stay, one pod IP is left out."""
+    from nodemesh.agent.bpf_loader import MESHED_CAPACITY
+
+    vips = [(f"10.96.{i // 250}.{i % 250 + 1}", 80) for i in range(100)]
+    pods = [(f"10.200.{i // 250}.{i % 250 + 1}", 0) for i in range(MESHED_CAPACITY - len(vips) + 1)]
+    with caplog.at_level("ERROR", logger="nodemesh.agent.bpf_loader"):
+        progs.set_meshed(vips + pods)
+    assert progs.counters()["meshed_dsts_dropped"] == 1
+    assert "exceed the meshed_dsts map" in caplog.text
+    keys = {(k.ip4, k.port) for k in progs._table("meshed_dsts").keys()}
+    assert len(keys) == MESHED_CAPACITY
+    progs.set_meshed(vips)  # back under the limit: nothing dropped
+    assert progs.counters()["meshed_dsts_dropped"] == 0

@@ -92,6 +92,6 @@ def cli_as_nobody(*args: str):
 
     env = {"PATH": os.environ.get("PATH", ""), "NODEMESH_LAB_DIR": "/tmp/nodemesh-nobody-lab", "HOME": "/tmp"}
     return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "nodemesh.cli", *args],
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "nodemesh", *args],
         capture_output=True, text=True, env=env, timeout=60,
     )

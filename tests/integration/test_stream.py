@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from nodemesh.agent.stream_client import ConfigStream
 from nodemesh.controller.admin import serve_controller_admin
 from nodemesh.controller.config_store import ConfigStore
 from nodemesh.controller.main import serve
-from nodemesh.controller.stream_server import StreamServer
+from nodemesh.controller.stream_server import PING_INTERVAL, StreamServer
 from nodemesh.model import ClusterState, Container, Namespace, Node, Pod, Service, ServicePort
 from nodemesh.nodeconfig import NodeConfig
 
@@ -324,6 +325,8 @@ def test_serve_end_to_end(tmp_path: Path):
     async def main() -> None:
         task = asyncio.ensure_future(serve(str(state_dir), ("127.0.0.1", sport), ("127.0.0.1", aport), str(tokens), "example.org"))
         agent = Agent(sport)
+        # serve() pings every PING_INTERVAL: an agent expecting FAST pings would time out and reconnect
+        agent.stream.ping_interval = PING_INTERVAL
         await until(lambda: agent.stream.version > 0)
         cfg = agent.stream.config
         assert cfg.trust_domain == "example.org" and [n.name for n in cfg.nodes] == ["node1"]
@@ -332,7 +335,9 @@ def test_serve_end_to_end(tmp_path: Path):
         text = (state_dir / "lab.yaml").read_text()
         text += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: hello-3, namespace: demo, labels: {app: hello}}\n" \
                 "spec: {nodeName: node1, serviceAccountName: hello}\nstatus: {podIP: 10.244.1.7}\n"
-        (state_dir / "lab.yaml").write_text(text)
+        # atomically (as `lab apply` does): a watcher that sees the truncated file would push twice
+        (state_dir / ".lab.yaml.tmp").write_text(text)
+        os.replace(state_dir / ".lab.yaml.tmp", state_dir / "lab.yaml")
         await until(lambda: endpoint_ips(agent.stream.config) == ["10.244.1.7"])
         assert agent.stream.config.pods[0].identity == "spiffe://example.org/ns/demo/sa/hello"
         # a malformed file is counted and changes nothing else

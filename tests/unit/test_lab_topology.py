@@ -3,7 +3,9 @@ import pytest
 from nodemesh.errors import ConfigError
 from nodemesh.lab.lab import _place
 from nodemesh.lab.state import LabState
-from nodemesh.lab.topology import NodeAddressing, PodAddressing, next_free
+from nodemesh.lab.topology import NODE_NETNS_PREFIX, POD_NETNS_PREFIX, UNDERLAY_NET, UNDERLAY_VETH_PREFIX, NodeAddressing, PodAddressing, next_free
+
+U = str(UNDERLAY_NET.network_address)[:-1]  # '172.31.255.' for lab instance 0
 from nodemesh.model import ClusterState, parse_documents
 
 LAB = """
@@ -34,9 +36,9 @@ spec: {nodeName: b}
 
 def test_addressing() -> None:
     n = NodeAddressing("node1", 1)
-    assert (n.netns, n.underlay_ip, n.pod_cidr, n.gateway_ip, n.underlay_veth) == ("nmnode-node1", "172.31.255.11", "10.244.1.0/24", "10.244.1.1", "nmu1")
+    assert (n.netns, n.underlay_ip, n.pod_cidr, n.gateway_ip, n.underlay_veth) == (f"{NODE_NETNS_PREFIX}node1", f"{U}11", "10.244.1.0/24", "10.244.1.1", f"{UNDERLAY_VETH_PREFIX}1")
     p = PodAddressing("demo", "client", n, 4)
-    assert (p.ip, p.netns, p.node_veth, p.cgroup_name) == ("10.244.1.4", "nmpod-demo-client", "veth4", "demo_client")
+    assert (p.ip, p.netns, p.node_veth, p.cgroup_name) == ("10.244.1.4", f"{POD_NETNS_PREFIX}demo-client", "veth4", "demo_client")
 
 
 def test_place_assigns_in_file_order_and_fills_addresses() -> None:
@@ -46,7 +48,7 @@ def test_place_assigns_in_file_order_and_fills_addresses() -> None:
     assert state.nodes == {"b": {"index": 1}, "a": {"index": 2}}
     ips = {p.name: p.pod_ip for p in cluster.pods}
     assert ips == {"p1": "10.244.2.2", "p2": "10.244.2.3", "p3": "10.244.1.2"}
-    assert {n.name: n.internal_ip for n in cluster.nodes} == {"a": "172.31.255.12", "b": "172.31.255.11"}
+    assert {n.name: n.internal_ip for n in cluster.nodes} == {"a": f"{U}12", "b": f"{U}11"}
 
 
 def test_place_is_stable_across_applies() -> None:
