@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nodemesh.agent.relay import reset_transport
-from nodemesh.authz import ClientInfo, Decision, NodePolicy, authorize
+from nodemesh.authz import ClientInfo, Decision, NodePolicy, authorize, plaintext_decision
+from nodemesh.authz_routes import authorize_any_route
 from nodemesh.nodeconfig import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Subject:
     pod_ip: str
     port: int
     route: str | None = None  # an in-flight L7 request's HTTPRoute: re-checks count route policies too
+    plaintext: bool = False  # came in plaintext from off the mesh (captured / 4143): strict mode re-checks it
+    any_route: bool = False  # an HTTP-served port's connection: open while some route policy could allow it (authz_routes)
 
 
 class Authorizer:
@@ -49,16 +52,27 @@ class Authorizer:
         self.rejected_total = 0  # policy sections refused as malformed
         self._tcp: Counter[tuple[str, tuple[str, ...]]] = Counter()  # (allow|deny|terminate, labels)
         self._http: Counter[tuple[str, tuple[str, ...]]] = Counter()
+        self._plaintext: Counter[tuple[str, str, str]] = Counter()  # (dst_namespace, via, outcome)
 
     # ---- decisions -------------------------------------------------------------------------
 
     def check(self, subject: Subject) -> Decision:
         """Connection-level decision, counted and (when denied) logged as one actionable line."""
-        d = authorize(self.policy, subject.client, subject.namespace, subject.pod, subject.port)
+        d = _decide(self.policy, subject)
         self._tcp[("allow" if d.allowed else "deny", _labels(d, subject))] += 1
         if not d.allowed:
             log.warning("authz deny: %s -> %s/%s:%d: %s", _who(subject.client), subject.namespace, subject.pod, subject.port, d.reason)
         return d
+
+    def check_plaintext(self, subject: Subject, via: str) -> Decision:
+        """Strict/permissive inbound mode for a plaintext connection (via = captured | inbound_port),
+        before `check`: strict refuses it whatever the policy. Counted; the caller logs its refusal."""
+        d = plaintext_decision(self.policy, subject.namespace, subject.pod, subject.port)
+        self._plaintext[(subject.namespace, via, "allowed" if d.allowed else "refused_strict")] += 1
+        return d
+
+    def plaintext_count(self, outcome: str, via: str | None = None) -> int:
+        return sum(n for (_, v, o), n in self._plaintext.items() if o == outcome and via in (None, v))
 
     def check_http(self, subject: Subject, route: str | None) -> Decision:
         """Per-request decision for the L7 proxy (route = the matched HTTPRoute's name, None when no
@@ -93,7 +107,9 @@ class Authorizer:
             subject = getattr(origin, "authz_subject", None)
             if subject is None:
                 continue
-            d = authorize(self.policy, subject.client, subject.namespace, subject.pod, subject.port, http_route=subject.route)
+            d = _decide(self.policy, subject)
+            if d.allowed and subject.plaintext:
+                d = plaintext_decision(self.policy, subject.namespace, subject.pod, subject.port)
             if d.allowed:
                 continue
             cut += 1
@@ -129,8 +145,20 @@ class Authorizer:
                 if v == verdict:
                     fam.add_metric(labels, n)
             yield fam
+        fam = CounterMetricFamily("nodemesh_inbound_plaintext_total",
+                                  "Plaintext inbound connections (captured non-meshed clients, plaintext 4143 tunnel) by inbound mode outcome",
+                                  labels=("dst_namespace", "via", "outcome"))
+        for key, n in sorted(self._plaintext.items()):
+            fam.add_metric(key, n)
+        yield fam
         yield GaugeMetricFamily("nodemesh_policy_config_version", "Config version whose authorization policy is in force", value=self.policy_version)
         yield CounterMetricFamily("nodemesh_policy_rejected_total", "Malformed policy sections refused (last good policy kept)", value=self.rejected_total)
+
+
+def _decide(policy: NodePolicy, s: Subject) -> Decision:
+    if s.any_route and s.route is None:
+        return authorize_any_route(policy, s.client, s.namespace, s.pod, s.port)
+    return authorize(policy, s.client, s.namespace, s.pod, s.port, http_route=s.route)
 
 
 def _labels(d: Decision, s: Subject) -> tuple[str, ...]:

@@ -14,9 +14,9 @@ future per request (a task only when a new upstream connection must be dialed). 
 (request bodies, retries, timeouts, pipelined requests) is `Exchange`, a task per request.
 
 Same-node endpoints are authorized per request with the source pod's identity (route policies
-included: 403, the connection stays); a cross-node endpoint's node authorizes the tunnel stream,
-and pooled cross-node connections are keyed by source identity so one never carries another
-client's requests.
+included: 403, the connection stays); a cross-node endpoint's node authorizes the tunnel stream
+(and, on an HTTP port, each request on it: agent/inbound_http.py), and pooled cross-node
+connections are keyed by source identity so one never carries another client's requests.
 
 Bodies are streamed both ways with flow control; a request body is also kept (up to 64 KiB) only
 when its route may retry it. A message the proxy refuses gets 400/408 and the connection closes with
@@ -472,8 +472,13 @@ class Http1Server(asyncio.Protocol):
         self.authz_subject: Subject | None = None
         self._direct: _Direct | None = None  # the request served from callbacks, if any
         self._refused = b""  # the error answer owed after the in-flight request (a refused one followed)
-        svc, port = target.target.service, target.target.port
-        self._dst = proxy.http_metrics.dst("outbound", f"{svc.authority}:{port.port}", svc.namespace, svc.name)
+        self._dst = self._dst_stats()
+
+    def _dst_stats(self) -> Any:
+        """The request_total/response_total series of this connection (agent/inbound_http.py's
+        server overrides it with inbound labels)."""
+        svc, port = self.target.target.service, self.target.target.port
+        return self.proxy.http_metrics.dst("outbound", f"{svc.authority}:{port.port}", svc.namespace, svc.name)
 
     # handed over from outbound.OutboundConnection
     def take(self, transport: asyncio.Transport, pending: bytes, eof: bool) -> None:

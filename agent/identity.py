@@ -105,6 +105,35 @@ def check_chain(pem_chain: Iterable[str], identity: str, key: ec.EllipticCurvePr
     return certs
 
 
+def check_bundle(pem: object) -> list[x509.Certificate]:
+    """A trust bundle from the controller: one or more PEM CA certificates, else ChainError
+    (the bundle in force stays: a bad push must not leave us trusting nothing)."""
+    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
+        raise ChainError("the trust bundle is not a PEM string with at least one certificate")
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as exc:
+        raise ChainError(f"the trust bundle is not PEM certificates: {exc}") from None
+    for cert in certs:
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        if not ca:
+            raise ChainError(f"the trust bundle holds {cert.subject.rfc4514_string() or 'a certificate'}, which is not a CA certificate")
+    return certs
+
+
+def describe_bundle(pem: str) -> list[dict[str, str]]:
+    """The anchors of a bundle for /identity: subject, SHA-256 fingerprint, not-after."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode()) if pem else []
+    except ValueError:
+        return []
+    return [{"subject": c.subject.rfc4514_string(), "sha256": c.fingerprint(hashes.SHA256()).hex(),
+             "not_after": c.not_valid_after_utc.isoformat()} for c in certs]
+
+
 @dataclass
 class PendingCsr:
     identity: str

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nodemesh.agent.identity import CertStore, ChainError, Credential, check_chain
+from nodemesh.agent.identity import CertStore, ChainError, Credential, check_bundle, check_chain, describe_bundle
 from nodemesh.errors import NodemeshError, ProtocolError
 from nodemesh.nodeconfig import NodeConfig
 
@@ -60,6 +60,7 @@ class AgentIdentity:
         self._wake = asyncio.Event()
         self.issued = 0
         self.refusals = 0
+        self.bundle_refusals = 0  # bundle pushes that were not PEM CA certificates
         self.state_dir = state_dir
         if state_dir:
             self._load_node_credential()
@@ -197,12 +198,33 @@ class AgentIdentity:
         except ChainError as exc:
             log.error("certificate for %s rejected: %s", ident, exc)
 
+    def on_bundle(self, msg: dict[str, Any]) -> None:
+        """A `bundle` push (root rotation): new TLS handshakes, tunnel client and server side and
+        the next stream connection, verify against it; live connections stay up. A bundle that is
+        not PEM CA certificates is refused, counted and logged, and the one in force stays."""
+        try:
+            self._set_bundle(msg.get("bundle"))
+        except ChainError as exc:
+            self.bundle_refusals += 1
+            log.error("trust bundle from the controller refused, keeping the current one: %s", exc)
+
+    def _set_bundle(self, pem: object) -> None:
+        check_bundle(pem)
+        assert isinstance(pem, str)
+        before = self.store.bundle_generation
+        self.store.set_bundle(pem)
+        if self.store.bundle_generation != before:
+            log.info("trust bundle updated (generation %d): %d anchor(s)", self.store.bundle_generation, len(describe_bundle(pem)))
+
+    def describe_bundle(self) -> dict[str, object]:
+        return {"generation": self.store.bundle_generation, "anchors": describe_bundle(self.store.bundle_pem)}
+
     def _accept(self, ident: str, msg: dict[str, Any]) -> None:
         chain = msg.get("chain")
         if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
             raise ChainError("the answer has no 'chain' list of PEM strings")
         if isinstance(msg.get("bundle"), str) and msg["bundle"]:
-            self.store.set_bundle(msg["bundle"])
+            self._set_bundle(msg["bundle"])
         cred = self.store.accept(ident, chain)
         self.issued += 1
         log.info("certificate for %s: serial %x, valid until %s", ident, cred.leaf.serial_number, cred.leaf.not_valid_after_utc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nodemesh.agent import inbound_http
 from nodemesh.agent.authorizer import Subject
 from nodemesh.agent.handshake import HandshakeError, RequestParser, TunnelRequest, encode_response
 from nodemesh.agent.outbound import PREBUFFER, DialError, ListenerContext, dial
@@ -115,7 +116,14 @@ class InboundConnection(asyncio.Protocol):
             # The client identity is the handshake's claim today; the mTLS work makes it the verified
             # peer certificate's. The address is the sending node's (the tunnel does not carry the pod's).
             peer = self.transport.get_extra_info("peername")
-            subject = Subject(ClientInfo(self.src_identity, peer[0] if peer else ""), pod.namespace, pod.name, pod.ip, req.dst_port)
+            subject = Subject(ClientInfo(self.src_identity, peer[0] if peer else ""), pod.namespace, pod.name, pod.ip, req.dst_port, plaintext=True)
+            # Everything on this path is plaintext from off the mesh (captured, or 4143 from another
+            # node; same-node meshed traffic is authorized in outbound.py): strict refuses it first.
+            decision = ctx.authz.check_plaintext(subject, "inbound_port" if self.tunnel_reply else "captured")
+            if not decision.allowed:
+                self._refuse(403, decision.reason, "plaintext_refused")
+                return
+            subject = inbound_http.gate(ctx, pod, req.dst_port, subject)  # HTTP ports: route policies are decided per request
             decision = ctx.authz.check(subject)
             if not decision.allowed:
                 self._refuse(403, decision.reason, "unauthorized")
@@ -130,11 +138,21 @@ class InboundConnection(asyncio.Protocol):
             upstream.close()
             self._refuse(502, "pod closed the connection", "connect_failed")
             return
-        up_stats = ctx.metrics.tcp("inbound", "dst", pod.namespace, "")
-        up_stats.opened()
         if self.tunnel_reply:
             self.transport.write(encode_response(200))
         client = self.transport
-        relay = Relay(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)  # type: ignore[arg-type]
-        relay.start(client, upstream, a_pending=bytes(self.pending), a_eof=self.eof, b_pending=bytes(up.pending), b_eof=up.eof)
-        self.pending = bytearray()
+
+        def relay(pending: bytes, eof: bool, subject: Subject | None = None) -> None:
+            if subject is not None:
+                self.authz_subject = subject
+            up_stats = ctx.metrics.tcp("inbound", "dst", pod.namespace, "")
+            up_stats.opened()
+            relay = Relay(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)  # type: ignore[arg-type]
+            relay.start(client, upstream, a_pending=pending, a_eof=eof, b_pending=bytes(up.pending), b_eof=up.eof)
+
+        pending, self.pending = bytes(self.pending), bytearray()
+        # Route-level policies are the destination's to enforce: an HTTP port's requests are parsed
+        # and authorized one by one (agent/inbound_http.py).
+        assert self._stats is not None
+        if not inbound_http.hand_over(ctx, client, pod, req.dst_port, self.authz_subject, self._stats, pending, self.eof, False, upstream, up, relay):
+            relay(pending, self.eof)

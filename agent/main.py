@@ -141,7 +141,7 @@ async def serve(cfg: AgentConfig) -> None:
         }
         if identity is not None:  # `nodemesh identity` reads this: certificates held, never keys
             routes["/identity"] = lambda: (200, "application/json", json.dumps(
-                {"node": cfg.node, "certificates": identity.describe(), "refused": identity.store.refused,
+                {"node": cfg.node, "certificates": identity.describe(), "refused": identity.store.refused, "bundle": identity.describe_bundle(),
                  "tunnel_handshakes": proxy.tunnels.tls.handshakes, "tunnel_connections": proxy.tunnels.connections_opened}).encode())
         try:
             admin = await serve_admin(cfg.admin[0], cfg.admin[1], routes)

@@ -34,6 +34,7 @@ ERRORS = (
     "handshake_error",  # malformed tunnel handshake (either direction)
     "unknown_pod",  # inbound: target is not a meshed pod on this node
     "unauthorized",  # authorization policy refused the client (agent/authorizer.py)
+    "plaintext_refused",  # inbound: plaintext from off the mesh to a pod in strict inbound mode
     "no_certificate",  # outbound: no certificate for the source identity in time (fail closed)
     "tls_handshake",  # a TLS handshake with another node's proxy failed
     "tls_identity",  # the peer's verified certificate is not the identity expected (or not a mesh identity)

@@ -117,6 +117,15 @@ def apply(rules: NatRules) -> None:
     _nft(render(rules), f"install the NAT rules of table ip {TABLE}")
 
 
+def present() -> bool:
+    """Whether this netns holds our table (False also when nft is missing: then nothing was installed)."""
+    try:
+        proc = subprocess.run(["nft", "list", "table", "ip", TABLE], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return False
+    return proc.returncode == 0
+
+
 def remove() -> None:
     """Delete table `ip nodemesh` from this netns (idempotent)."""
     _nft(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n", f"remove table ip {TABLE}")

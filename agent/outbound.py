@@ -213,6 +213,11 @@ class OutboundConnection(asyncio.Protocol):
         t = plan.target
         peer = self.transport.get_extra_info("peername")
         subject = Subject(ClientInfo(plan.src_identity, peer[0] if peer else ""), t.namespace, t.pod, t.ip, t.port)
+        pod = ctx.view().local_pod(t.ip)
+        if pod is not None:  # an HTTP port: route policies are decided per request (agent/inbound_http.py)
+            from nodemesh.agent import inbound_http
+
+            subject = inbound_http.gate(ctx, pod, t.port, subject)
         if not ctx.authz.check(subject).allowed:
             ctx.metrics.error("outbound", "unauthorized")
             reset_transport(self.transport)
@@ -287,11 +292,30 @@ class OutboundConnection(asyncio.Protocol):
             ctx.metrics.error("outbound", "connect_failed")
             reset_transport(self.transport)
             return
+        client = self.transport
+        pod = ctx.view().local_pod(plan.target.ip) if plan.kind == "local" and plan.target is not None else None
+        if pod is not None and self.authz_subject is not None and self._stats is not None:
+            # Same node: this proxy is the pod's inbound, so an HTTP port is served per request here too.
+            from nodemesh.agent import inbound_http
+
+            pending, self.pending = bytes(self.pending), bytearray()
+
+            def as_l4(data: bytes, eof: bool, subject: Subject) -> None:
+                self.authz_subject = subject
+                self.pending, self.eof = bytearray(data), eof
+                self._relay(plan, upstream, up, client)
+
+            if inbound_http.hand_over(ctx, client, pod, plan.target.port, self.authz_subject, self._stats, pending, self.eof, False, upstream, up, as_l4):
+                return
+            self.pending = bytearray(pending)
+        self._relay(plan, upstream, up, client)
+
+    def _relay(self, plan: Plan, upstream: asyncio.Transport, up: Upstream, client: asyncio.Transport) -> None:
+        ctx = self.ctx
         tls = plan.kind == "remote" and ctx.tunnels is not None
         up_stats = ctx.metrics.tcp("outbound", "dst", plan.labels.dst_namespace, plan.labels.dst_service,
                                    tls=tls, server_id=plan.target.identity if tls and plan.target else "")
         up_stats.opened()
-        client = self.transport
         splicer = ctx.splicer if plan.kind == "local" else None
         relay = (Relay if splicer is None else splicer.relay)(self._stats, up_stats, on_done=lambda: ctx.connections.discard(client), origin=self)
         relay.start(client, upstream, a_pending=bytes(self.pending), a_eof=self.eof, b_pending=bytes(up.pending), b_eof=up.eof)

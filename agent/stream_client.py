@@ -166,6 +166,8 @@ class ConfigStream:
             self._apply(msg)
         elif kind in ("cert", "csr_refused") and self._identity is not None:
             self._identity.on_message(msg)
+        elif kind == "bundle" and self._identity is not None:
+            self._identity.on_bundle(msg)
         elif kind != "ping":
             log.debug("ignoring unknown %r message from controller", kind)
 

@@ -11,7 +11,9 @@ plaintext.
 
 Inbound: the SNI callback presents the named local workload's current certificate; the client's
 chain is verified by OpenSSL against the trust bundle, then its SPIFFE ID must be in our trust
-domain and known to the config. Each CONNECT must name a meshed pod on this node.
+domain and known to the config. Each CONNECT must name a meshed pod on this node. A stream to an
+HTTP port (agent/inbound_http.py) is then served request by request, so the destination enforces
+its route-level policies itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nodemesh import spiffe, tlsctx
+from nodemesh.agent import inbound_http
 from nodemesh.agent.decide import Plan
 from nodemesh.agent.handshake import HandshakeError
 from nodemesh.agent.handshake import _parse_authority as parse_authority  # same rules as the plaintext tunnel
@@ -291,6 +294,7 @@ class TunnelServer:
         if pod is None or (dst_pod is not None and dst_pod != f"{pod.namespace}/{pod.name}"):
             self._refuse(st, 404, f"{dst_pod or ip} is not a meshed pod on this node", "unknown_pod", "", client_id)
             return
+        subject = None
         if ctx.authz is not None:
             # Same policy check as the plaintext inbound path, with the *verified* client identity.
             from nodemesh.agent.authorizer import Subject
@@ -298,6 +302,7 @@ class TunnelServer:
 
             peer = mux.transport.get_extra_info("peername") if mux.transport is not None else None
             subject = Subject(ClientInfo(client_id, peer[0] if peer else "", tls=True), pod.namespace, pod.name, pod.ip, port)
+            subject = inbound_http.gate(ctx, pod, port, subject)  # HTTP ports: route policies are decided per request
             decision = ctx.authz.check(subject)
             if not decision.allowed:
                 self._refuse(st, 403, decision.reason, "unauthorized", pod.namespace, client_id)
@@ -318,13 +323,21 @@ class TunnelServer:
             if not st.lost:
                 mux.respond(st, 502, "pod closed the connection")
             return
-        up_stats = ctx.metrics.tcp("inbound", "dst", pod.namespace, "")
-        up_stats.opened()
         mux.respond(st, 200)
         pending, eof = bytes(st.pending), st.eof
         st.pending.clear()
-        relay = Relay(stats, up_stats, origin=st)
-        relay.start(st, upstream, a_pending=pending, a_eof=eof, b_pending=bytes(up.pending), b_eof=up.eof)  # type: ignore[arg-type]
+
+        def relay(pending: bytes, eof: bool, subject: Any = None) -> None:
+            if subject is not None:
+                st.authz_subject = subject  # type: ignore[attr-defined]
+            up_stats = ctx.metrics.tcp("inbound", "dst", pod.namespace, "")
+            up_stats.opened()
+            Relay(stats, up_stats, origin=st).start(st, upstream, a_pending=pending, a_eof=eof, b_pending=bytes(up.pending), b_eof=up.eof)  # type: ignore[arg-type]
+
+        # Route-level policies are the destination's to enforce: an HTTP port's requests are parsed
+        # and authorized one by one here (agent/inbound_http.py).
+        if not inbound_http.hand_over(ctx, st, pod, port, subject, stats, pending, eof, True, upstream, up, relay):
+            relay(pending, eof)
 
     def _refuse(self, st: H2Stream, status: int, reason: str, error: str, ns: str, client_id: str) -> None:
         stats = self.ctx.metrics.tcp("inbound", "src", ns, "", tls=True, client_id=client_id)

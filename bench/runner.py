@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,21 @@ class Plan:
 
 def bench_lab_file() -> str:
     return str(files("nodemesh.bench") / "labs" / "bench.yaml")
+
+
+def publish(out: str) -> str | None:
+    """Copies a full run's results.json/.md and plots to bench/latest/ of the source checkout (what
+    the README shows; bench/results/ itself is not tracked). Returns the directory, or None when
+    not running from a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(here, "..", "pyproject.toml")):
+        return None
+    latest = os.path.join(here, "latest")
+    os.makedirs(latest, exist_ok=True)
+    for name in ("results.json", "results.md", "latency.png", "throughput.png", "memory.png"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(os.path.join(out, name), os.path.join(latest, name))
+    return latest
 
 
 def default_output_dir() -> str:
@@ -382,5 +398,9 @@ def run(names: Sequence[str] = (), quick: bool = False, output: str | None = Non
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     report.write(doc, out)
+    if not quick and output is None and not names:  # a complete default run becomes "the latest"
+        latest = publish(out)
+        if latest:
+            _log(f"copied to {latest} (what the README shows)")
     _log(f"done in {doc['meta']['elapsed_s']} s: {out}/results.md")
     return out

@@ -11,18 +11,20 @@ Every refusal is counted by reason (read by the admin metrics) and logged with i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from nodemesh import spiffe, tlsctx
 from nodemesh.controller.agent_auth import REASONS as AUTH_REASONS, AgentAuthenticator, AgentAuthRefused, StaticTokens
-from nodemesh.controller.ca import CaError, CertificateAuthority, KeyPair, new_key, to_pem
+from nodemesh.controller.ca import CaError, CertificateAuthority, KeyPair, new_key, reload_into, to_pem
 from nodemesh.controller.config_store import ConfigStore
 from nodemesh.controller.csr_policy import CsrRefused, allowed_identities, check_csr
 
@@ -55,8 +57,12 @@ class IdentityService:
         self.signed: Counter[str] = Counter()  # kind ("node", "workload") -> certificates signed
         self.csr_refused: Counter[str] = Counter()  # csr_policy reason -> count
         self.bootstrap_refused: Counter[str] = Counter()  # BOOTSTRAP_REASONS -> count
+        self.bundle_changes = 0
         self._server_key = new_key()
-        self._server_ctx: ssl.SSLContext | None = None
+        self._server_chain_pem: tuple[bytes, bytes] | None = None
+        self._current_ctx: ssl.SSLContext | None = None  # bundle + our chain; rebuilt, never mutated
+        self._listener_ctx: ssl.SSLContext | None = None
+        self._bundle_changed = asyncio.Event()  # set and replaced on each bundle change (wakes streams)
 
     @property
     def trust_domain(self) -> str:
@@ -71,23 +77,75 @@ class IdentityService:
         key = self._server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         return to_pem(chain).encode(), key
 
+    def current_context(self) -> ssl.SSLContext:
+        """Our chain and the trust bundle in force. An SSLContext can add roots but never drop
+        them, so a bundle change builds a new one; handshakes pick it up through server_context()."""
+        if self._current_ctx is None:
+            if self._server_chain_pem is None:
+                self._server_chain_pem = self._server_chain()
+            self._current_ctx = tlsctx.server_context(self.ca.bundle_pem(), *self._server_chain_pem, require_client_cert=False)
+        return self._current_ctx
+
     def server_context(self) -> ssl.SSLContext:
-        """The stream's TLS context: client certificates optional (bootstrap comes without one);
-        the handler decides what an unauthenticated peer may do (bootstrap only)."""
-        if self._server_ctx is None:
-            chain, key = self._server_chain()
-            self._server_ctx = tlsctx.server_context(self.ca.bundle_pem(), chain, key, require_client_cert=False)
-        return self._server_ctx
+        """The stream listener's TLS context (stable for the listener's life): its SNI callback,
+        which runs for every ClientHello, hands the handshake to current_context(), so a new
+        bundle or certificate applies to new connections while live ones stay up. Client
+        certificates are optional (bootstrap comes without one); the handler decides what an
+        unauthenticated peer may do (bootstrap only)."""
+        if self._listener_ctx is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+
+            def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+                sslobj.context = self.current_context()
+
+            ctx.sni_callback = pick
+            self._listener_ctx = ctx
+        return self._listener_ctx
 
     def refresh_server_cert(self) -> None:
         """Re-sign our own certificate (after an issuer rotation, or as it nears expiry)."""
-        if self._server_ctx is not None:
-            tlsctx.reload_chain(self._server_ctx, *self._server_chain())
+        self._server_chain_pem = self._server_chain()
+        self._current_ctx = None
 
     def rotate_issuer(self, issuer: KeyPair) -> None:
         self.ca.rotate_issuer(issuer)
         self.refresh_server_cert()
         log.info("issuer rotated to %s", issuer.cert.subject.rfc4514_string())
+
+    def set_anchors(self, anchors: Sequence[x509.Certificate]) -> None:
+        """A new trust bundle (root rotation): new handshakes verify against it, and every agent's
+        stream is told at once (StreamServer pushes {type: bundle})."""
+        before = self.ca.bundle_pem()
+        self.ca.set_anchors(anchors)
+        if self.ca.bundle_pem() != before:
+            self._bundle_moved()
+
+    def reload(self, anchors: Sequence[x509.Certificate], issuer: KeyPair) -> bool:
+        """Adopt a CA directory's bundle and issuer (SIGHUP). True when the issuer changed.
+        Raises CaError and keeps what is in force when the files do not fit together."""
+        before = self.ca.bundle_pem()
+        changed = reload_into(self.ca, anchors, issuer)
+        if changed:
+            self.refresh_server_cert()
+        if self.ca.bundle_pem() != before:
+            self._bundle_moved()
+        return changed
+
+    def _bundle_moved(self) -> None:
+        self._current_ctx = None
+        self.bundle_changes += 1
+        event, self._bundle_changed = self._bundle_changed, asyncio.Event()
+        event.set()
+        log.info("trust bundle now holds %d anchor(s): %s", len(self.ca.anchors),
+                 ", ".join(a.subject.rfc4514_string() for a in self.ca.anchors))
+
+    async def wait_bundle(self, known: str) -> str:
+        """The bundle PEM as soon as it differs from `known` (at once if it already does)."""
+        while self.ca.bundle_pem() == known:
+            await self._bundle_changed.wait()
+        return self.ca.bundle_pem()
 
     # --- requests -------------------------------------------------------------------------------
 

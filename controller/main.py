@@ -17,7 +17,7 @@ from nodemesh.policy_model import check_default_policy
 
 from nodemesh.controller.admin import serve_controller_admin
 from nodemesh.controller.agent_auth import AgentAuthenticator, StaticTokens, TokenReviewAuthenticator
-from nodemesh.controller.ca import DEFAULT_LEAF_LIFETIME, CaError, CertificateAuthority, load_ca_dir, reload_into
+from nodemesh.controller.ca import DEFAULT_LEAF_LIFETIME, CaError, CertificateAuthority, load_ca_dir
 from nodemesh.controller.config_store import ConfigStore
 from nodemesh.controller.identity_service import IdentityService
 from nodemesh.controller.file_source import DirSource
@@ -122,8 +122,7 @@ def _reload_ca(identity: IdentityService, ca_dir: str) -> None:
     """SIGHUP: adopt the issuer/bundle on disk. A bad file is logged and the CA in force stays."""
     try:
         anchors, issuer = load_ca_dir(ca_dir)
-        if reload_into(identity.ca, anchors, issuer):
-            identity.refresh_server_cert()
+        if identity.reload(anchors, issuer):  # new handshakes and every agent get the new bundle
             log.info("issuer rotated: now %s", issuer.cert.subject.rfc4514_string())
         else:
             log.info("CA reloaded: issuer unchanged, %d trust anchor(s)", len(anchors))

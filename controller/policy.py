@@ -13,7 +13,7 @@ from dataclasses import replace
 from nodemesh.authz import POLICY_KEY, Authorization, NetworkRule, NodePolicy, PodPolicy, RoutePolicy, ServerPolicy
 from nodemesh.model import ClusterState, Pod, spiffe_id
 from nodemesh.nodeconfig import NodeConfig
-from nodemesh.policy_model import DEFAULT_POLICY_ANNOTATION, AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, server_port
+from nodemesh.policy_model import DEFAULT_POLICY_ANNOTATION, INBOUND_MODE_ANNOTATION, AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, server_port
 
 from nodemesh.controller.discovery import _meshed_pods_with_ip
 
@@ -28,6 +28,19 @@ def default_policy(state: ClusterState, pod: Pod, cluster_default: str) -> tuple
     if value:
         return value, f"annotation on namespace {pod.namespace}"
     return cluster_default, "cluster default"
+
+
+def inbound_mode(state: ClusterState, pod: Pod) -> tuple[str, str]:
+    """(strict|permissive, where it came from): the pod's `config.nodemesh.io/inbound-mode`
+    annotation, then its namespace's, then permissive (Linkerd's default)."""
+    value = pod.annotations.get(INBOUND_MODE_ANNOTATION)
+    if value:
+        return value, f"annotation on pod {pod.namespace}/{pod.name}"
+    ns = state.get("Namespace", "", pod.namespace)
+    value = ns.annotations.get(INBOUND_MODE_ANNOTATION) if ns is not None else None
+    if value:
+        return value, f"annotation on namespace {pod.namespace}"
+    return "permissive", "default"
 
 
 def _identities(state: ClusterState, authn: MeshTLSAuthentication) -> tuple[str, ...]:
@@ -82,7 +95,8 @@ def pod_policy(state: ClusterState, pod: Pod, cluster_default: str) -> PodPolicy
         routes = tuple(RoutePolicy(name, tuple(a)) for name, a in sorted(route_policies.items()))
         servers.append(ServerPolicy(server.name, port, server.proxy_protocol, authz, routes, server.access_policy))
     assert pod.pod_ip is not None
-    return PodPolicy(pod.namespace, pod.name, pod.pod_ip, default, source, tuple(sorted(servers, key=lambda s: s.port)))
+    mode, mode_source = inbound_mode(state, pod)
+    return PodPolicy(pod.namespace, pod.name, pod.pod_ip, default, source, tuple(sorted(servers, key=lambda s: s.port)), mode, mode_source)
 
 
 def cluster_networks(state: ClusterState) -> tuple[str, ...]:

@@ -85,6 +85,7 @@ class StreamServer:
         self.ping_interval = ping_interval
         self.connected: Counter[str] = Counter()  # node -> live authenticated connections
         self.pushes: Counter[str] = Counter()  # node -> configs sent
+        self.bundle_pushes: Counter[str] = Counter()  # node -> trust bundles sent
         self.auth_failures = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -197,6 +198,9 @@ class StreamServer:
         """Sends the node's config whenever its version differs from what the agent holds."""
         reader = asyncio.ensure_future(self._read_until_eof(conn, node))
         waiter: asyncio.Future[NodeConfig] | None = None
+        # The trust bundle goes first (a reconnecting agent may have missed a change) and again
+        # whenever it changes (root rotation), without waiting for the agent's next certificate.
+        bundles = asyncio.ensure_future(self._push_bundles(conn, node)) if self.identity is not None else None
         try:
             while not reader.done():
                 waiter = asyncio.ensure_future(self.store.wait_for_change(node, version))
@@ -214,8 +218,21 @@ class StreamServer:
             reader.result()  # re-raise what ended the read side
         finally:
             reader.cancel()
+            if bundles is not None:
+                bundles.cancel()
             if waiter is not None:
                 waiter.cancel()
+
+    async def _push_bundles(self, conn: _Conn, node: str) -> None:
+        assert self.identity is not None
+        sent = ""
+        try:
+            while True:
+                sent = await self.identity.wait_bundle(sent)
+                await conn.send({"type": "bundle", "bundle": sent})
+                self.bundle_pushes[node] += 1
+        except (ConnectionError, OSError) as exc:  # the read side notices too and ends the stream
+            log.info("agent %s: trust bundle not delivered: %s", node, exc)
 
     async def _read_until_eof(self, conn: _Conn, node: str) -> None:
         """Reads pings; a peer silent for three ping intervals is gone (a half-open TCP connection)."""

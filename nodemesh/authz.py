@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nodemesh.policy_model import DEFAULT_POLICIES
+from nodemesh.policy_model import DEFAULT_POLICIES, INBOUND_MODES
 
 DEFAULT_ALLOW = "all-unauthenticated"
 POLICY_KEY = "policy"  # NodeConfig.extra key
@@ -70,6 +70,8 @@ class PodPolicy:
     default: str = DEFAULT_ALLOW  # for ports no Server selects
     default_source: str = "cluster default"  # where the default came from, for explanations
     servers: tuple[ServerPolicy, ...] = ()
+    inbound_mode: str = "permissive"  # strict: plaintext inbound refused (see plaintext_decision)
+    inbound_mode_source: str = "cluster default"
 
     def server(self, port: int) -> ServerPolicy | None:
         return next((s for s in self.servers if s.port == port), None)
@@ -112,6 +114,8 @@ class NodePolicy:
                 namespace=str(p["namespace"]), name=str(p["name"]), ip=str(ipaddress.ip_address(p["ip"])),
                 default=_default(p.get("default", DEFAULT_ALLOW)), default_source=str(p.get("default_source", "")),
                 servers=servers,
+                inbound_mode=_mode(p.get("inbound_mode", "permissive")),
+                inbound_mode_source=str(p.get("inbound_mode_source", "")),
             ))
         return cls(
             pods=tuple(pods),
@@ -138,6 +142,12 @@ def _port(value: Any) -> int:
     if not isinstance(value, int) or not 0 < value < 65536:
         raise ValueError(f"port {value!r} is not in 1..65535")
     return value
+
+
+def _mode(value: Any) -> str:
+    if value not in INBOUND_MODES:
+        raise ValueError(f"unknown inbound mode {value!r}")
+    return str(value)
 
 
 def _default(value: Any) -> str:
@@ -255,3 +265,18 @@ def authorize(
     else:
         reason = f"denied: no AuthorizationPolicy on Server {server.name} authorizes {who} for {what} ({'; '.join(checked)})"
     return Decision(False, reason, "Server", server.name, "", "", http_route, tuple(checked))
+
+
+def plaintext_decision(policy: NodePolicy, namespace: str, pod: str, port: int) -> Decision:
+    """May a *plaintext* inbound connection (a captured non-meshed client, or the plaintext 4143
+    tunnel from another node) reach namespace/pod at all? Checked before `authorize`: `strict`
+    refuses it whatever the authorization policy says (even all-unauthenticated); `permissive`
+    passes it on to `authorize`, which sees an unauthenticated client (captured) and decides.
+    A pod the policy does not list is refused by `authorize` anyway (unknown_pod = deny)."""
+    what = f"{namespace}/{pod}:{port}"
+    pp = policy.pod(namespace, pod)
+    if pp is None or pp.inbound_mode != "strict":
+        mode = pp.inbound_mode if pp is not None else "permissive"
+        return Decision(True, f"plaintext allowed: inbound mode {mode} for {what}", "default", mode)
+    return Decision(False, f"plaintext refused: {what} is in strict inbound mode ({pp.inbound_mode_source}); "
+                           "only mTLS from meshed workloads may reach it", "default", "strict")

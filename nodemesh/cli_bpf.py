@@ -19,14 +19,19 @@ from nodemesh.cli import friendly_errors
 @click.option("--bpf-pin-dir", default=None, help="The agent's pin directory [default: /sys/fs/bpf/nodemesh/NODE].")
 @friendly_errors
 def agent_uninstall(node: str, cgroup_path: str, bpf_pin_dir: str | None) -> None:
-    """Detach the node's redirect programs and remove its pinned maps and programs.
+    """Detach the node's redirect programs, remove its pinned maps and programs, and remove the
+    NAT table (inbound capture / iptables fallback) of the network namespace this runs in.
 
     Pods connect directly afterwards. Stop the agent first: a running agent re-pins nothing, but
     keeps proxying connections it already accepted.
     """
+    from nodemesh.agent import nat_rules
     from nodemesh.agent.bpf_pins import default_pin_dir, uninstall
 
     removed = uninstall(cgroup_path, bpf_pin_dir or default_pin_dir(node))
+    if nat_rules.present():
+        nat_rules.remove()
+        removed.append(f"nftables table ip {nat_rules.TABLE}")
     for what in removed:
         click.echo(f"removed {what}")
     if not removed:

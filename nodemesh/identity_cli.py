@@ -61,11 +61,99 @@ def identity(ctx: click.Context, as_json: bool) -> None:
 @identity.command("rotate-issuer")
 @click.option("--issuer-cert", type=click.Path(dir_okay=False), help="Use this issuer (signed by the lab's trust anchor) instead of a generated one.")
 @click.option("--issuer-key", type=click.Path(dir_okay=False))
+@click.option("--under-new-root", is_flag=True, help="Root rotation step 2: sign the new issuer with the root `add-root` added.")
 @friendly_errors
-def rotate_issuer(issuer_cert: str | None, issuer_key: str | None) -> None:
+def rotate_issuer(issuer_cert: str | None, issuer_key: str | None, under_new_root: bool) -> None:
     """Lab: a new issuer for the controller, adopted live (existing certificates stay valid)."""
     from nodemesh.lab import lab as lab_mod
     from nodemesh.lab import lab_ca
 
-    subject = lab_ca.rotate_issuer(lab_mod.require_up(), (issuer_cert, issuer_key))
+    subject = lab_ca.rotate_issuer(lab_mod.require_up(), (issuer_cert, issuer_key), under_new_root)
     click.echo(f"issuer rotated: {subject}")
+
+
+DEFAULT_WAIT = 60.0
+
+
+def _wait_bundle(timeout: float) -> None:
+    from nodemesh.lab import lab_ca, root_rotation
+    from nodemesh.errors import LabError
+
+    want = lab_ca.bundle_fingerprints()
+    missing = root_rotation.wait_for(lambda: root_rotation.lagging_bundles(node_identities(), want), timeout)
+    if missing:
+        raise LabError(f"after {timeout:g}s these agents do not hold the new trust bundle yet: {'; '.join(missing)}")
+    click.echo(f"every agent holds the trust bundle ({len(want)} root(s))")
+
+
+def _wait_reissued(timeout: float) -> None:
+    from nodemesh.controller.ca import load_ca_dir
+    from nodemesh.errors import LabError
+    from nodemesh.lab import lab_ca, root_rotation
+
+    subject = load_ca_dir(lab_ca.ca_dir())[1].cert.subject.rfc4514_string()
+    missing = root_rotation.wait_for(lambda: root_rotation.stale_certificates(node_identities(), subject), timeout)
+    if missing:
+        raise LabError(f"after {timeout:g}s these certificates are not re-issued by {subject} yet (they are as they renew; "
+                       f"run `nodemesh identity drop-root` once `nodemesh identity` shows none): {'; '.join(missing[:10])}")
+    click.echo(f"every certificate in use is issued by {subject}")
+
+
+def _lifetime_wait() -> float:
+    """Long enough for every leaf to renew once (they renew at 70% of their lifetime)."""
+    from nodemesh.lab import lab_ca
+
+    lifetime = lab_ca.leaf_lifetime()
+    return DEFAULT_WAIT + (float(lifetime) if lifetime else 24 * 3600.0)
+
+
+@identity.command("add-root")
+@click.option("--trust-anchor", "anchor_file", type=click.Path(dir_okay=False), help="The new root certificate (PEM) instead of a generated one.")
+@click.option("--timeout", type=float, default=DEFAULT_WAIT, show_default=True, help="Seconds to wait for every agent to hold the new bundle.")
+@friendly_errors
+def add_root(anchor_file: str | None, timeout: float) -> None:
+    """Lab, root rotation step 1: the bundle becomes old + new root, pushed to every agent."""
+    from nodemesh.lab import lab as lab_mod
+    from nodemesh.lab import lab_ca
+
+    fp = lab_ca.add_root(lab_mod.require_up(), anchor_file)
+    click.echo(f"new root {fp[:16]} added to the trust bundle")
+    _wait_bundle(timeout)
+
+
+@identity.command("drop-root")
+@click.option("--force", is_flag=True, help="Drop the old root even if agents still hold certificates from the old issuer.")
+@click.option("--timeout", type=float, default=DEFAULT_WAIT, show_default=True, help="Seconds to wait for every agent to hold the new bundle.")
+@friendly_errors
+def drop_root(force: bool, timeout: float) -> None:
+    """Lab, root rotation step 3: the bundle becomes the new root alone (refused while any
+    certificate in use still hangs from the old root)."""
+    from nodemesh.lab import lab as lab_mod
+    from nodemesh.lab import lab_ca
+
+    state = lab_mod.require_up()
+    if not force:
+        _wait_reissued(0)
+    fp = lab_ca.drop_root(state)
+    click.echo(f"old root dropped: the trust bundle is root {fp[:16]} alone")
+    _wait_bundle(timeout)
+
+
+@identity.command("rotate-root")
+@click.option("--timeout", type=float, help="Seconds to wait for leaves to be re-issued (default: one leaf lifetime + 60).")
+@friendly_errors
+def rotate_root(timeout: float | None) -> None:
+    """Lab: the whole root rotation with waits: add-root, rotate-issuer --under-new-root, wait until
+    every certificate is re-issued, drop-root. Traffic keeps flowing throughout."""
+    from nodemesh.lab import lab as lab_mod
+    from nodemesh.lab import lab_ca
+
+    state = lab_mod.require_up()
+    fp = lab_ca.add_root(state)
+    click.echo(f"1/3 new root {fp[:16]} added to the trust bundle")
+    _wait_bundle(DEFAULT_WAIT)
+    click.echo(f"2/3 issuer rotated under the new root: {lab_ca.rotate_issuer(state, under_new_root=True)}")
+    _wait_reissued(timeout if timeout is not None else _lifetime_wait())
+    fp = lab_ca.drop_root(state)
+    click.echo(f"3/3 old root dropped: the trust bundle is root {fp[:16]} alone")
+    _wait_bundle(DEFAULT_WAIT)

@@ -42,8 +42,9 @@ IDENTITY_DIR = "/var/run/nodemesh/identity"
 # /sys/fs/cgroup is the agent's own cgroup (the one exempted from redirection).
 HOST_CGROUP = "/host/sys/fs/cgroup"
 # Pods live under kubepods.slice with the systemd cgroup driver (kubeadm's default); with the
-# cgroupfs driver it is "kubepods": patch the agent's --cgroup for such nodes.
-PODS_CGROUP = f"{HOST_CGROUP}/kubepods.slice"
+# cgroupfs driver (k3s, some older clusters) under kubepods: InstallOptions.pods_cgroup.
+DEFAULT_PODS_CGROUP = "kubepods.slice"
+_CGROUP_PATH = re.compile(r"^[A-Za-z0-9_.:@-]+(/[A-Za-z0-9_.:@-]+)*$")
 BPF_PIN_ROOT = "/sys/fs/bpf/nodemesh"
 STREAM_PORT, CONTROLLER_ADMIN_PORT, AGENT_ADMIN_PORT = 8086, 9990, 4191
 
@@ -69,6 +70,7 @@ class InstallOptions:
     ha: bool = False  # 2 controller replicas, a PodDisruptionBudget and anti-affinity
     log_level: str = "INFO"
     identity: Identity | None = None
+    pods_cgroup: str = DEFAULT_PODS_CGROUP  # relative to the node's cgroup2 root
 
     def check(self) -> None:
         """Raises ConfigError naming the first bad option."""
@@ -80,6 +82,9 @@ class InstallOptions:
             raise ConfigError(f"image {self.image!r} is not a valid image reference")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
             raise ConfigError(f"image pull policy {self.image_pull_policy!r} must be Always, IfNotPresent or Never")
+        if not _CGROUP_PATH.match(self.pods_cgroup) or ".." in self.pods_cgroup.split("/"):
+            raise ConfigError(f"pods cgroup {self.pods_cgroup!r} must be a path relative to the node's cgroup2 root, "
+                              "e.g. kubepods.slice (systemd driver) or kubepods (cgroupfs driver)")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
         if self.ha and self.identity is None:
@@ -272,7 +277,7 @@ def agent_args(o: InstallOptions) -> list[str]:
         # Short name: resolved in the agent's own namespace (ClusterFirstWithHostNet).
         "--controller", f"nodemesh-controller:{STREAM_PORT}",
         "--token-file", TOKEN_PATH,
-        "--cgroup", PODS_CGROUP,
+        "--cgroup", f"{HOST_CGROUP}/{o.pods_cgroup}",
         "--agent-cgroup", "/sys/fs/cgroup",
         # hostNetwork: the node's own address is where its pods' connections are redirected.
         "--proxy-ip", "$(HOST_IP)",

@@ -28,6 +28,10 @@ POLICY_GROUP = "policy.nodemesh.io"
 API_VERSION = f"{POLICY_GROUP}/v1alpha1"
 DEFAULT_POLICY_ANNOTATION = "config.nodemesh.io/default-inbound-policy"
 DEFAULT_POLICIES = ("all-unauthenticated", "all-authenticated", "cluster-unauthenticated", "cluster-authenticated", "deny")
+# Plaintext inbound (captured non-meshed clients, the plaintext 4143 tunnel): `strict` refuses it
+# before any policy is evaluated, `permissive` (the default, as Linkerd) lets the policy decide.
+INBOUND_MODE_ANNOTATION = "config.nodemesh.io/inbound-mode"
+INBOUND_MODES = ("permissive", "strict")
 PROXY_PROTOCOLS = ("unknown", "HTTP/1", "HTTP/2", "gRPC", "opaque", "TLS")
 HTTP_PROTOCOLS = ("HTTP/1", "HTTP/2", "gRPC")
 
@@ -266,6 +270,12 @@ def check_default_annotation(r: _Reader, annotations: Mapping[str, str]) -> None
         raise r.fail(
             f"metadata.annotations.{DEFAULT_POLICY_ANNOTATION}",
             f"unknown default policy {value!r}; use one of {', '.join(DEFAULT_POLICIES)}",
+        )
+    mode = annotations.get(INBOUND_MODE_ANNOTATION)
+    if mode is not None and mode not in INBOUND_MODES:
+        raise r.fail(
+            f"metadata.annotations.{INBOUND_MODE_ANNOTATION}",
+            f"unknown inbound mode {mode!r}; use one of {', '.join(INBOUND_MODES)}",
         )
 
 

@@ -12,6 +12,8 @@ With identity (mTLS stream; see controller/identity_service.py, agent/identity_c
   agent -> controller  {"type": "csr", "id": int, "csr": PEM}          (on the mTLS stream, after hello)
   controller -> agent  {"type": "cert", "id", "identity", "chain", "bundle"}
                        {"type": "csr_refused", "id", "reason", "message"}
+                       {"type": "bundle", "bundle": PEM}   (the trust bundle: right after hello, then on
+                       every change, e.g. the steps of a root rotation; applies to new handshakes)
   The mTLS hello carries no token: the node certificate authenticates it.
 Resume: an agent reconnecting sends the version it holds; the controller sends a config only if
 that node's config changed since (the agent keeps serving its last good config meanwhile).

@@ -6,9 +6,13 @@ Only the controller reads the issuer key; agents get the trust anchor certificat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from nodemesh.controller.ca import (
     ANCHOR_FILE,
@@ -20,7 +24,9 @@ from nodemesh.controller.ca import (
     load_certs,
     load_pair,
     new_issuer,
+    _signed_by,
     new_trust_anchor,
+    to_pem,
     write_pem,
 )
 from nodemesh.errors import ConfigError, LabError
@@ -87,11 +93,17 @@ def _read(path: str) -> bytes:
         raise ConfigError(f"cannot be read: {exc.strerror}", source=path) from None
 
 
-def rotate_issuer(state: LabState, issuer_files: tuple[str | None, str | None] = (None, None)) -> str:
+def rotate_issuer(state: LabState, issuer_files: tuple[str | None, str | None] = (None, None), under_new_root: bool = False) -> str:
     """A new issuer in the CA dir (made from the lab's anchor, or the user's), then SIGHUP to the
-    controller, which adopts it while traffic flows. Returns the new issuer's subject."""
+    controller, which adopts it while traffic flows. Returns the new issuer's subject.
+    `under_new_root`: step 2 of a root rotation, the issuer is signed by the root `add_root` added."""
     d = ca_dir()
     anchors, _ = load_ca_dir(d)
+    anchor_file, key_file = os.path.join(d, ANCHOR_FILE), os.path.join(d, ANCHOR_KEY_FILE)
+    if under_new_root:
+        anchor_file, key_file = os.path.join(d, NEXT_ANCHOR_FILE), os.path.join(d, NEXT_ANCHOR_KEY_FILE)
+        if not os.path.exists(anchor_file):
+            raise LabError("no root rotation in progress: run `nodemesh identity add-root` first")
     cert_path, key_path = issuer_files
     if cert_path or key_path:
         if not (cert_path and key_path):
@@ -101,20 +113,107 @@ def rotate_issuer(state: LabState, issuer_files: tuple[str | None, str | None] =
         except CaError as exc:
             raise ConfigError(str(exc)) from None
     else:
-        key_file = os.path.join(d, ANCHOR_KEY_FILE)
         if not os.path.exists(key_file):
             raise LabError("this lab runs on a user-supplied trust anchor whose key the lab does not hold; "
                            "pass --issuer-cert and --issuer-key signed by it")
-        anchor = load_pair(_read(os.path.join(d, ANCHOR_FILE)), _read(key_file), os.path.join(d, ANCHOR_FILE))
+        anchor = load_pair(_read(anchor_file), _read(key_file), anchor_file)
         issuer = new_issuer(anchor, TRUST_DOMAIN)
     try:
         CertificateAuthority(TRUST_DOMAIN, anchors, issuer)
     except CaError as exc:
         raise ConfigError(f"the new issuer cannot be used: {exc}") from None
+    if under_new_root and not _signed_by(issuer.cert, load_certs(_read(anchor_file), anchor_file)[0]):
+        raise ConfigError("the new issuer is not signed by the new root that `nodemesh identity add-root` added")
     write_pem(os.path.join(d, ISSUER_KEY_FILE), issuer.key_pem(), private=True)
     write_pem(os.path.join(d, ISSUER_FILE), issuer.cert_pem())
+    _reload_controller(state, "the new issuer is written and will be used at the next start")
+    return issuer.cert.subject.rfc4514_string()
+
+
+def _reload_controller(state: LabState, what_happened: str) -> None:
     ctl = state.processes.get("controller")
     if not ctl or not pid_alive(int(ctl["pid"])):
-        raise LabError("the lab's controller is not running; the new issuer is written and will be used at the next start")
+        raise LabError(f"the lab's controller is not running; {what_happened}")
     os.kill(int(ctl["pid"]), signal.SIGHUP)
-    return issuer.cert.subject.rfc4514_string()
+
+
+# ---- root (trust anchor) rotation, in three steps ----------------------------------------------
+# 1. add_root: a new root joins the bundle (old + new); the controller pushes it to every agent.
+# 2. rotate_issuer(under_new_root=True): leaves are re-issued under the new root as they renew;
+#    peers verify them because every bundle holds both roots.
+# 3. drop_root: the bundle is the new root alone, once no certificate from the old root is in use.
+
+NEXT_ANCHOR_FILE = "next-trust-anchor.pem"  # the root being rotated in (between add-root and drop-root)
+NEXT_ANCHOR_KEY_FILE = "next-trust-anchor-key.pem"
+
+
+def rotation_in_progress() -> bool:
+    return os.path.exists(os.path.join(ca_dir(), NEXT_ANCHOR_FILE))
+
+
+def add_root(state: LabState, anchor_file: str | None = None) -> str:
+    """Step 1: a new root (generated, or the user's certificate) joins the trust bundle, and the
+    controller is told (SIGHUP). Returns the new root's SHA-256 fingerprint (hex)."""
+    d = ca_dir()
+    if rotation_in_progress():
+        raise LabError("a root rotation is already in progress: finish it with `nodemesh identity drop-root`")
+    anchors, issuer = load_ca_dir(d)
+    if anchor_file:
+        try:
+            new = load_certs(_read(anchor_file), anchor_file)
+        except CaError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(new) != 1:
+            raise ConfigError(f"holds {len(new)} certificates; the new root must be exactly one", source=anchor_file)
+        cert, key_pem = new[0], None
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        if not ca or cert.issuer != cert.subject:
+            raise ConfigError("is not a self-signed CA certificate (a root)", source=anchor_file)
+    else:
+        pair = new_trust_anchor(TRUST_DOMAIN)
+        cert, key_pem = pair.cert, pair.key_pem()
+    if any(a == cert for a in anchors):
+        raise ConfigError("the new root is already in the trust bundle", source=anchor_file)
+    CertificateAuthority(TRUST_DOMAIN, [*anchors, cert], issuer)  # still consistent with the issuer in force
+    write_pem(os.path.join(d, NEXT_ANCHOR_FILE), cert.public_bytes(serialization.Encoding.PEM))
+    if key_pem is not None:
+        write_pem(os.path.join(d, NEXT_ANCHOR_KEY_FILE), key_pem, private=True)
+    write_pem(os.path.join(d, ANCHOR_FILE), to_pem([*anchors, cert]).encode())
+    _reload_controller(state, "the bundle (old + new root) is written and will be used at the next start")
+    return fingerprint(cert)
+
+
+def drop_root(state: LabState) -> str:
+    """Step 3: the bundle becomes the new root alone. Refused while the issuer still hangs from the
+    old root. (Whether agents still hold old leaves is the CLI's check: it asks them.)"""
+    d = ca_dir()
+    if not rotation_in_progress():
+        raise LabError("no root rotation in progress: run `nodemesh identity add-root` first")
+    _, issuer = load_ca_dir(d)
+    new = load_certs(_read(os.path.join(d, NEXT_ANCHOR_FILE)), os.path.join(d, NEXT_ANCHOR_FILE))[0]
+    if not _signed_by(issuer.cert, new):
+        raise LabError("the issuer is still signed by the old root: run `nodemesh identity rotate-issuer --under-new-root` "
+                       "and wait until every certificate is re-issued before dropping the old root")
+    write_pem(os.path.join(d, ANCHOR_FILE), to_pem([new]).encode())
+    next_key = os.path.join(d, NEXT_ANCHOR_KEY_FILE)
+    if os.path.exists(next_key):
+        os.replace(next_key, os.path.join(d, ANCHOR_KEY_FILE))
+    else:  # a user-supplied new root: the lab holds no key for it
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(d, ANCHOR_KEY_FILE))
+    os.remove(os.path.join(d, NEXT_ANCHOR_FILE))
+    _reload_controller(state, "the bundle (new root only) is written and will be used at the next start")
+    return fingerprint(new)
+
+
+def bundle_fingerprints() -> list[str]:
+    """SHA-256 fingerprints of the roots in the lab's bundle on disk, in order."""
+    anchors, _ = load_ca_dir(ca_dir())
+    return [fingerprint(a) for a in anchors]
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()

@@ -20,7 +20,7 @@ PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIGfake\n-----END PRIVATE KEY-----\n"
 VARIANTS = {
     "default": InstallOptions(),
     "identity": InstallOptions(identity=Identity(PEM_CERT, PEM_CERT, PEM_KEY)),
-    "ha-custom": InstallOptions(namespace="mesh-system", trust_domain="example.org", ha=True,
+    "ha-custom": InstallOptions(namespace="mesh-system", trust_domain="example.org", ha=True, pods_cgroup="kubepods",
                                 identity=Identity(PEM_CERT, PEM_CERT, PEM_KEY)),
 }
 # What the downward API would hand the kubelet for $(VAR) expansion.
@@ -103,8 +103,8 @@ def test_agent_daemonset_args_parse_with_the_real_cli(variant: str) -> None:
     assert p["trust_domain"] == o.trust_domain
     # paths: the node's cgroup2 tree and bpffs from the host; the agent's own cgroup is the
     # container's cgroup-namespace root (not a volume); the pin dir is per node on bpffs
-    cg_volume, _ = mounted(spec, p["cgroup_path"])
-    assert cg_volume["hostPath"]["path"] == "/sys/fs/cgroup"
+    cg_volume, pods_cgroup = mounted(spec, p["cgroup_path"])
+    assert cg_volume["hostPath"]["path"] == "/sys/fs/cgroup" and pods_cgroup == o.pods_cgroup
     assert p["agent_cgroup_path"] == "/sys/fs/cgroup" and not any(
         m["mountPath"] == "/sys/fs/cgroup" for m in container["volumeMounts"])
     pin_volume, pin_rel = mounted(spec, p["bpf_pin_dir"])

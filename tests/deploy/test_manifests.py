@@ -100,6 +100,8 @@ def test_install_with_identity_carries_the_pems(identity_files: list[str]) -> No
     (["--trust-domain", "-x-"], "trust domain '-x-' is not a valid DNS name"),
     (["--image", "has space"], "image 'has space' is not a valid image reference"),
     (["--ha"], "HA runs 2 controller replicas that must sign with one shared issuer"),
+    (["--pods-cgroup", "../etc"], "pods cgroup '../etc' must be a path relative to the node's cgroup2 root"),
+    (["--pods-cgroup", "/kubepods"], "pods cgroup '/kubepods' must be a path relative"),
     (["--identity-trust-anchor-file", "/nonexistent/ca.crt"], "pass all three of --identity-trust-anchor-file"),
 ])
 def test_install_bad_input_is_refused_with_a_clear_error(args: list[str], message: str) -> None:
@@ -178,8 +180,8 @@ def test_helm_template_renders_what_install_renders(variant: str, tmp_path: obje
         opts = InstallOptions(image="nodemesh:dev", image_pull_policy="Never", log_level="DEBUG")
         sets, ns = ["image.repository=nodemesh", "image.tag=dev", "image.pullPolicy=Never", "logLevel=DEBUG"], "nodemesh"
     else:
-        opts = InstallOptions(namespace="mesh-system", trust_domain="example.org")
-        sets, ns = ["trustDomain=example.org"], "mesh-system"
+        opts = InstallOptions(namespace="mesh-system", trust_domain="example.org", pods_cgroup="kubepods")
+        sets, ns = ["trustDomain=example.org", "agent.podsCgroup=kubepods"], "mesh-system"
     helm = by_key(helm_template(*sets, values=values, namespace=ns, tmp_path=tmp_path))
     ours = by_key(render(opts))
     assert sorted(helm) == sorted(ours)
@@ -187,6 +189,11 @@ def test_helm_template_renders_what_install_renders(variant: str, tmp_path: obje
         assert helm[key] == ours[key], f"{key} differs between helm template and nodemesh install"
     for v in KUBE_VERSIONS:
         assert strict_errors(helm.values(), v) == []
+
+
+def test_helm_refuses_a_bad_pods_cgroup() -> None:
+    proc = subprocess.run([tool("helm"), "template", "nodemesh", CHART, "--set", "agent.podsCgroup=../x"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "agent.podsCgroup \"../x\" must be a path relative" in proc.stderr, proc.stderr
 
 
 def test_helm_refuses_ha_without_a_shared_issuer() -> None:

@@ -49,7 +49,7 @@ def client_summary(pod: str, url: str, count: int, new_connection: bool = True, 
     need both nodes to answer send with some concurrency (pending requests raise an endpoint's cost)."""
     args = ["nodemesh", "sample-client", url, "--count", str(count), "--concurrency", str(concurrency)] + (["--new-connection"] if new_connection else [])
     proc = pod_exec(pod, *args)
-    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.returncode == 0, (proc.stdout.decode()[-1500:], proc.stderr.decode())
     return json.loads(proc.stdout)
 
 

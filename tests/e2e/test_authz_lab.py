@@ -199,3 +199,102 @@ def test_removing_the_allow_cuts_a_live_connection_within_a_second(policy_lab: P
         lab.apply(str(policy_lab / "allow.yaml"))  # restore for the next case
     node = "node1" if dst == "hello-1" else "node2"
     assert total(metrics(node), "inbound_tcp_authz_terminate_total", {"client_id": "spiffe://cluster.local/ns/demo/sa/client"}) >= 1
+
+
+# ---- route-level policy: enforced by the destination pod's node, same-node and cross-node alike ----
+
+# The intruder (service account `other`) may GET /allowed on the hello service, nothing else; no
+# backendRefs: the parent service serves it. Applied for the route cases only (then deleted).
+ROUTE_ALLOWED = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: allowed, namespace: demo}
+spec:
+  parentRefs: [{group: core, kind: Service, name: hello, port: 80}]
+  rules: [{matches: [{path: {type: Exact, value: /allowed}, method: GET}]}]
+---
+apiVersion: policy.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: other-on-allowed, namespace: demo}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: allowed}
+  requiredAuthenticationRefs: [{kind: ServiceAccount, name: other}]
+"""
+
+# Runs inside a pod: GET each path on ONE keep-alive connection; statuses, pods and whether the
+# connection stayed the same.
+ROUTE_PROBE = r"""
+import http.client, json, sys
+ip, port, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+c = http.client.HTTPConnection(ip, port, timeout=5)
+out, local = [], None
+for p in paths:
+    try:
+        c.request("GET", p, headers={"Host": "hello"})
+        r = c.getresponse()
+        body = r.read()
+    except (ConnectionError, OSError) as e:
+        out.append({"path": p, "error": type(e).__name__}); break
+    if local is None:
+        local = c.sock.getsockname()
+    pod = json.loads(body).get("pod") if body.startswith(b"{") else None
+    out.append({"path": p, "status": r.status, "pod": pod, "error_header": r.getheader("l5d-proxy-error"),
+                "same_connection": c.sock is not None and c.sock.getsockname() == local})
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def route_policy(policy_lab: Path) -> Iterator[Path]:
+    f = policy_lab / "route.yaml"
+    f.write_text(ROUTE_ALLOWED)
+    lab.apply(str(f))
+    hello2 = pod_ip("hello-2")
+    # in force on node2 once the intruder's /allowed gets through
+    eventually(lambda: route_probe("intruder", hello2, 8080, "/allowed")[0].get("status") == 200, timeout=15)
+    try:
+        yield f
+    finally:
+        delete(str(f))
+
+
+def route_probe(src: str, ip: str, port: int, *paths: str) -> list[dict]:
+    proc = pod_exec(src, sys.executable, "-c", ROUTE_PROBE, ip, str(port), *paths, timeout=30)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+ROUTE_MATRIX = [
+    ("intruder", "hello-1", "same-node", [200, 403, 200]),  # only the route policy lets it in
+    ("intruder", "hello-2", "cross-node", [200, 403, 200]),
+    ("outsider", "hello-1", "same-node", None),  # no identity: no policy could allow it: refused
+    ("outsider", "hello-2", "cross-node", None),
+]
+
+
+@pytest.mark.parametrize("src, dst, path, expected", ROUTE_MATRIX, ids=[f"route:{s}->{d}({p})" for s, d, p, _ in ROUTE_MATRIX])
+def test_route_matrix_same_node_and_cross_node_enforce_identically(route_policy: Path, src: str, dst: str, path: str, expected: list[int] | None) -> None:
+    got = route_probe(src, pod_ip(dst), 8080, "/allowed", "/denied", "/allowed")
+    if expected is None:
+        assert "error" in got[0], got
+        return
+    assert [g.get("status") for g in got] == expected, got
+    assert all(g["same_connection"] for g in got), got  # the 403 kept the connection usable
+    assert got[0]["pod"] == dst and got[2]["pod"] == dst and got[1]["pod"] is None, got
+    assert "no AuthorizationPolicy" in (got[1]["error_header"] or ""), got
+
+
+def test_route_policy_through_the_service_vip(route_policy: Path) -> None:
+    # Either endpoint: node1's L7 proxy decides for hello-1, node2's inbound for hello-2.
+    for _ in range(4):
+        got = route_probe("intruder", "10.96.0.10", 80, "/allowed", "/denied", "/allowed")
+        assert [g.get("status") for g in got] == [200, 403, 200], got
+
+
+def test_route_decisions_are_counted_by_the_destination_node(route_policy: Path) -> None:
+    route_probe("intruder", pod_ip("hello-2"), 8080, "/allowed", "/denied")
+    text = metrics("node2")
+    other = "spiffe://cluster.local/ns/demo/sa/other"
+    assert total(text, "inbound_http_authz_allow_total", {"route_name": "allowed", "authz_name": "other-on-allowed", "client_id": other, "tls": "true"}) >= 1
+    assert total(text, "inbound_http_authz_deny_total", {"route_name": "default", "srv_name": "hello-http", "client_id": other, "tls": "true"}) >= 1
+    assert total(text, "response_total", {"direction": "inbound", "tls": "true", "client_id": other, "status_code": "403"}) >= 1

@@ -7,6 +7,7 @@ client side uses h11, an independent HTTP/1.1 implementation, as the oracle.
 from __future__ import annotations
 
 import asyncio
+import random
 import contextlib
 import socket
 import time
@@ -478,6 +479,8 @@ def test_route_timeout_answers_504_in_time() -> None:
 
 def test_retries_mask_failures_within_the_budget() -> None:
     async def body() -> None:
+        # A fixed seed: 0.3^5 per request leaves ~1% of runs with 4+ failures out of 300 by chance.
+        random.seed(20261126)
         flaky = sample_server.Behaviour(fail_rate=0.3)
         async with lab({"a": flaky, "b": flaky}) as m:
             m.configure(default_services(m), route_extra({"route": "demo/retry", "matches": [{}], "backends": [], "retry": {"codes": [500], "attempts": 4}}))

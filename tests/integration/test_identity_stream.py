@@ -238,7 +238,7 @@ def test_issuer_rotation_reissues_the_controller_cert_and_new_leaves_use_new_iss
             assert old_issuer != new.cert
             # a fresh mTLS connection to the controller verifies its re-issued certificate
             msg = await _raw_hello(ctl, a.identity.stream_ssl(), {"type": "hello", "node": "node1", "version": 0})
-            assert msg["type"] in ("config", "ping")
+            assert msg["type"] in ("bundle", "config", "ping")  # authenticated: the stream begins
         finally:
             await a.stop()
             await ctl.server.close()

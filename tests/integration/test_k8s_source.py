@@ -22,6 +22,7 @@ from nodemesh.model import ClusterState
 from nodemesh.nodeconfig import NodeConfig
 
 from tests.kubeapi.client import api_client
+from tests.kubeapi.endpointslices import reconcile as reconcile_slices
 from tests.kubeapi.objects import cluster, namespace, pod, service
 from tests.kubeapi.server import KubeApiServer
 
@@ -220,6 +221,11 @@ def _lab_state(tmp_path: Any, objs: list[dict[str, Any]]) -> ClusterState:
     return state
 
 
+def _slices_current(server: KubeApiServer, st: ClusterState) -> bool:
+    """The source holds the slices the server holds (configs are compared by the caller)."""
+    return {(k[1], k[2]) for k in st.objects if k[0] == "EndpointSlice"} == set(server.keys("EndpointSlice"))
+
+
 LAB_NOISE = ("kube-proxy-x", "pending", "job-done")  # objects a lab cannot have; the k8s source skips them
 
 
@@ -231,9 +237,13 @@ def test_lab_and_kubernetes_sources_give_agents_identical_config(server: KubeApi
     harness.source.start_threads()
 
     def step(check: Callable[[ClusterState], bool]) -> None:
-        k8s = harness.wait(check)
-        lab = _lab_state(tmp_path, lab_objs)
-        assert _configs(k8s) == _configs(lab)
+        # Kubernetes: endpoints come from the EndpointSlices its controller writes (a test double
+        # here, tests/kubeapi/endpointslices.py); the lab derives them from selectors.
+        reconcile_slices(server)
+        want = _configs(_lab_state(tmp_path, lab_objs))
+        k8s = harness.wait(lambda st: check(st) and _configs(st) == want and _slices_current(server, st))
+        assert _configs(k8s) == want
+        assert {s.service for s in k8s.of_kind("EndpointSlice")} == {s.name for s in k8s.services}
 
     step(has("Pod", "demo", "client"))
 
@@ -296,3 +306,27 @@ def test_source_runs_on_the_event_loop_and_feeds_the_config_store(server: KubeAp
         assert not any(r._watch for r in source.reflectors), "reflector threads stopped"
 
     asyncio.run(main())
+
+
+def test_endpoints_follow_kubernetes_readiness_through_endpoint_slices(server: KubeApiServer, harness: Harness) -> None:
+    """A selected pod that Kubernetes does not consider Ready is in the slice with ready=false and
+    gets no traffic; the selector alone would have routed to it."""
+    for o in cluster():
+        server.create(o)
+    starting = pod("demo", "hello-3", "node2", "10.244.2.9", {"app": "hello"}, sa="hello")
+    starting["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    server.create(starting)
+    reconcile_slices(server)
+    harness.source.start_threads()
+
+    def hello_pods(st: ClusterState) -> list[str]:
+        svc = next(s for s in _configs(st)["node1"].services if s.name == "hello")
+        return [e.pod for e in svc.ports[0].endpoints]
+
+    st = harness.wait(lambda st: bool(st.of_kind("EndpointSlice")) and hello_pods(st) == ["hello-1", "hello-2"])
+    (slice_,) = [s for s in st.of_kind("EndpointSlice") if s.service == "hello"]
+    assert [(e.pod, e.ready) for e in slice_.endpoints] == [("hello-1", True), ("hello-2", True), ("hello-3", False)]
+    starting["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    server.apply(starting)
+    reconcile_slices(server)
+    harness.wait(lambda st: hello_pods(st) == ["hello-1", "hello-2", "hello-3"])

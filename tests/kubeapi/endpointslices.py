@@ -81,10 +81,8 @@ def reconcile(server: KubeApiServer) -> None:
     """Makes the server's EndpointSlices what its Services and Pods call for (as the controller
     does after each watch event): creates, updates and deletes through the server's API."""
     with server.store.cond:
-        objs = [copy.deepcopy(o) for res, items in server.store.objects.items() if res.kind in ("Service", "Pod")
-                for o in items.values()]
-    for o in objs:  # stored list items may lack kind, as the API returns them
-        o.setdefault("kind", "Service" if "clusterIP" in (o.get("spec") or {}) else "Pod")
+        objs = [{**copy.deepcopy(o), "kind": res.kind} for res, items in server.store.objects.items()
+                if res.kind in ("Service", "Pod") for o in items.values()]
     desired = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in desired_slices(objs)}
     for key in set(server.keys("EndpointSlice")) - set(desired):
         server.delete("EndpointSlice", *key)
