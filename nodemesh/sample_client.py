@@ -38,9 +38,11 @@ class _Tally:
     last_error: str = ""
 
 
-def run(url: str, count: int, new_connection_per_request: bool = False, timeout: float = 5.0, concurrency: int = 1) -> dict[str, Any]:
+def run(url: str, count: int, new_connection_per_request: bool = False, timeout: float = 5.0, concurrency: int = 1,
+        duration: float | None = None) -> dict[str, Any]:
     """Send `count` GETs to `url` from `concurrency` parallel clients; return
-    {ok, errors, by_pod, by_node, by_status, latency_ms: {p50, p99}, last_error}."""
+    {ok, errors, by_pod, by_node, by_status, latency_ms: {p50, p99}, last_error}. With `duration`,
+    stop after that many seconds if the count is not reached first (traffic that must span an event)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{url!r}: only http://host[:port]/path URLs are supported")
@@ -49,7 +51,8 @@ def run(url: str, count: int, new_connection_per_request: bool = False, timeout:
     concurrency = max(1, min(concurrency, count))
     shares = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        tallies = list(pool.map(lambda n: _client(host, port, path, n, new_connection_per_request, timeout), shares))
+        deadline = time.monotonic() + duration if duration else None
+        tallies = list(pool.map(lambda n: _client(host, port, path, n, new_connection_per_request, timeout, deadline), shares))
     total = _Tally()
     for t in tallies:
         total.ok += t.ok
@@ -72,7 +75,8 @@ def run(url: str, count: int, new_connection_per_request: bool = False, timeout:
     }
 
 
-def _client(host: str, port: int, path: str, count: int, new_connection_per_request: bool, timeout: float) -> _Tally:
+def _client(host: str, port: int, path: str, count: int, new_connection_per_request: bool, timeout: float,
+            deadline: float | None = None) -> _Tally:
     """One sequential client: `count` GETs over one keep-alive connection (or one each)."""
     ok = errors = 0
     by_pod: Counter[str] = Counter()
@@ -82,6 +86,8 @@ def _client(host: str, port: int, path: str, count: int, new_connection_per_requ
     last_error = ""
     conn: http.client.HTTPConnection | None = None
     for _ in range(count):
+        if deadline is not None and time.monotonic() > deadline:
+            break
         if conn is None:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         start = time.perf_counter()
@@ -124,10 +130,11 @@ def _client(host: str, port: int, path: str, count: int, new_connection_per_requ
 @click.option("--new-connection", "--new-connection-per-request", "new_connection_per_request", is_flag=True, help="Open a new TCP connection for every request.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds per request.")
 @click.option("-c", "--concurrency", default=1, show_default=True, type=click.IntRange(min=1, max=256), help="Parallel clients sharing the COUNT requests.")
-def command(url: str, count: int, new_connection_per_request: bool, timeout: float, concurrency: int) -> None:
+@click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds if COUNT is not reached first.")
+def command(url: str, count: int, new_connection_per_request: bool, timeout: float, concurrency: int, duration: float | None) -> None:
     """Send COUNT GETs to URL and print a JSON summary; exits 1 if any request failed."""
     try:
-        summary = run(url, count, new_connection_per_request, timeout, concurrency)
+        summary = run(url, count, new_connection_per_request, timeout, concurrency, duration)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="URL") from None
     click.echo(json.dumps(summary, indent=2))

@@ -57,9 +57,10 @@ def remote_hello_url() -> str:
     return f"http://{pod['ip']}:8080/"
 
 
-def background_client(count: int, new_connection: bool) -> subprocess.Popen[bytes]:
+def background_client(count: int, new_connection: bool, duration: float | None = None) -> subprocess.Popen[bytes]:
     url = HELLO_URL if new_connection else remote_hello_url()
     args = [sys.executable, "-m", "nodemesh", "sample-client", url, "--count", str(count)] + (["--new-connection"] if new_connection else [])
+    args += ["--duration", str(duration)] if duration else []
     return lab.spawn_in("client", args, log=subprocess.PIPE)
 
 

@@ -19,8 +19,9 @@ from .test_lab_mtls import HELLO_URL, LEAF_LIFETIME, background_client, finish, 
 
 pytestmark = [pytest.mark.e2e, requires_root]
 # enough to outlast the rotation (a few leaf lifetimes) on a busy 2-core machine
-LONG_LIVED_REQUESTS = 20000
-NEW_CONNECTION_REQUESTS = 5000
+LONG_LIVED_REQUESTS = 1_000_000  # bounded by TRAFFIC_SECONDS, so traffic spans the rotation however fast it runs
+NEW_CONNECTION_REQUESTS = 1_000_000
+TRAFFIC_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def rotation_lab() -> Iterator[None]:
 def test_root_rotation_with_traffic_flowing(rotation_lab: None) -> None:
     eventually(lambda: all(len(n.get("certificates", [])) >= 2 for n in identities().values()))
     old_roots = lab_ca.bundle_fingerprints()
-    long_lived = background_client(LONG_LIVED_REQUESTS, new_connection=False)
-    stream = background_client(NEW_CONNECTION_REQUESTS, new_connection=True)
+    long_lived = background_client(LONG_LIVED_REQUESTS, new_connection=False, duration=TRAFFIC_SECONDS)
+    stream = background_client(NEW_CONNECTION_REQUESTS, new_connection=True, duration=TRAFFIC_SECONDS)
     time.sleep(1.0)
     started = time.monotonic()
     out = cli("identity", "rotate-root", "--timeout", str(4 * LEAF_LIFETIME))
