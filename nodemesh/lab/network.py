@@ -9,9 +9,16 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nodemesh.lab.topology import NODE_BRIDGE, UNDERLAY_BRIDGE, UNDERLAY_GATEWAY, UNDERLAY_NET, NodeAddressing, PodAddressing
+from nodemesh.lab.topology import INSTANCE, NODE_BRIDGE, UNDERLAY_BRIDGE, UNDERLAY_GATEWAY, UNDERLAY_NET, NodeAddressing, PodAddressing
 
 NETNS_DIR = "/run/netns"
+
+
+def bridge_mac(instance: int, index: int) -> str:
+    """A fixed, locally administered MAC for a lab bridge. Without one, Linux gives a bridge the
+    lowest MAC among its ports, so adding a pod can change the gateway's MAC under the pods' ARP
+    caches and cut them off from their node (seen: a pod added by `lab apply` did that half the time)."""
+    return f"02:6e:6d:{instance:02x}:{index >> 8:02x}:{index & 0xFF:02x}"
 
 
 def _index(ipr: IPRoute | NetNS, ifname: str) -> int | None:
@@ -27,7 +34,7 @@ def ensure_underlay() -> None:
     """The root-netns bridge joining all nodes (the lab's 'physical network')."""
     with IPRoute() as ip:
         if _index(ip, UNDERLAY_BRIDGE) is None:
-            ip.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+            ip.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge", address=bridge_mac(INSTANCE, 0))
         idx = _index(ip, UNDERLAY_BRIDGE)
         try:
             ip.addr("add", index=idx, address=UNDERLAY_GATEWAY, prefixlen=UNDERLAY_NET.prefixlen)
@@ -72,7 +79,7 @@ def create_node(node: NodeAddressing) -> None:
         _add_addr(ns, eth0, node.underlay_ip, UNDERLAY_NET.prefixlen)
         ns.link("set", index=eth0, state="up")
         if _index(ns, NODE_BRIDGE) is None:
-            ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
+            ns.link("add", ifname=NODE_BRIDGE, kind="bridge", address=bridge_mac(INSTANCE, node.index))
         br = _index(ns, NODE_BRIDGE)
         _add_addr(ns, br, node.gateway_ip, 24)
         ns.link("set", index=br, state="up")

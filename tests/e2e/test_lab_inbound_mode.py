@@ -93,11 +93,11 @@ def test_strict_refuses_non_meshed_permissive_serves_them_meshed_unaffected(mode
     assert plaintext("refused_strict") >= 1
     eventually(lambda: probe(node2, open_ip) == "ok", timeout=15)  # pod annotation: permissive
     assert plaintext("allowed") > allowed
-    # Meshed clients still reach both nodes. Retried: in a full-suite run this call once failed right
-    # after the namespace turned strict (not reproduced alone; suspected: a pooled connection cut by
-    # the re-check and reused once) -- recorded as a known issue.
-    eventually(lambda: (s := client_summary("client", "http://10.96.0.10/", 12, concurrency=4))["ok"] == 12
-               and set(s["by_node"]) == {"node1", "node2"}, timeout=15, interval=0.5)
+    # Meshed clients are unaffected (any error fails here); P2C favours the same-node pod, so
+    # seeing both nodes answer may take a few rounds.
+    assert client_summary("client", "http://10.96.0.10/", 12, concurrency=4)["ok"] == 12
+    eventually(lambda: set(client_summary("client", "http://10.96.0.10/", 12, concurrency=4)["by_node"]) == {"node1", "node2"},
+               timeout=15, interval=0.5)
 
 
 def test_nodemesh_check_reads_the_lab_ca_and_every_agent(mode_lab: dict) -> None:

@@ -70,3 +70,11 @@ def test_next_free() -> None:
     assert next_free({2, 3}, 2, 10, "pod") == 4
     with pytest.raises(ValueError, match="no free pod"):
         next_free({2}, 2, 2, "pod")
+
+
+def test_bridge_macs_are_fixed_unicast_and_distinct() -> None:
+    from nodemesh.lab.network import bridge_mac
+
+    macs = {bridge_mac(i, n) for i in range(10) for n in range(0, 201)}
+    assert len(macs) == 10 * 201
+    assert all(int(m.split(":")[0], 16) & 0b11 == 0b10 for m in macs)  # locally administered, unicast
