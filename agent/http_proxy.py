@@ -398,6 +398,10 @@ class HttpProxy:
         h2 = getattr(self, "h2", None)  # agent/h2_proxy.H2Proxy, attached by NodeProxy
         if found.protocol is Protocol.HTTP2 and h2 is not None and not conn.transport.is_closing():
             return h2.take_over(conn)
+        if found.protocol is Protocol.TLS:
+            # TLS from the app itself is relayed opaque; the server name is kept for logs and tap.
+            conn.sni = found.sni
+            log.debug("outbound to %s:%s: TLS from the client (SNI %s), relayed as opaque TCP", *(orig or ("?", 0)), found.sni or "none")
         if found.protocol is not Protocol.HTTP1 or conn.transport.is_closing():
             if found.timed_out:
                 log.info("outbound to %s:%s: client silent for %gs, treating the port as server-speaks-first", *(orig or ("?", 0)), self.detect_timeout)

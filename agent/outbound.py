@@ -166,6 +166,7 @@ class OutboundConnection(asyncio.Protocol):
         self.authz_subject: Subject | None = None  # set once authorized; re-checked on policy change
         self._detecting: asyncio.TimerHandle | None = None  # L7: waiting for the client's first bytes
         self.orig_dst: tuple[str, int] | None = None
+        self.sni: str | None = None  # TLS ClientHello server name, when detection saw one (agent/detect.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

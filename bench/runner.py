@@ -336,6 +336,7 @@ def run(names: Sequence[str] = (), quick: bool = False, output: str | None = Non
     started = time.monotonic()
     _log(f"{len(scenarios)} scenarios x {len(workloads)} workloads x {plan.reps} reps; lab instance {INSTANCE}; output {out}")
     lab.down()
+    os.environ.setdefault("NODEMESH_LAB_SOCKMAP", "1")  # scenarios switch the shortcut at run time: attach it
     lab.up(bench_lab_file())
     env = Env(workdir=workdir)
     samples: dict[tuple[str, str], list[Sample]] = {}

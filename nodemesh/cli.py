@@ -211,18 +211,20 @@ def agent() -> None:
 @click.option("--no-bpf", is_flag=True, help="Run the proxy without the eBPF redirect (debugging only).")
 @click.option("--bpf-pin-dir", default=None, help="bpffs directory for the node's pinned maps/programs "
               "[default: /sys/fs/bpf/nodemesh/NODE]; '' = do not pin (detach on exit).")
-@click.option("--no-sockmap", is_flag=True, help="Turn the sockmap short-circuit (sk_msg) off.")
+@click.option("--sockmap/--no-sockmap", default=False, show_default=True,
+              help="The sockmap short-circuit (sk_msg). Off by default: it has no backpressure (bulk senders get ENOMEM).")
 @click.option("--redirect", type=click.Choice(["auto", "bpf", "iptables"]), default="auto", show_default=True,
               help="How pods' connects reach the proxy: eBPF connect4, nftables DNAT in the node netns, or BPF with iptables fallback.")
-@click.option("--no-splice", is_flag=True, help="Relay same-node TCP in user space (no sk_skb kernel splice).")
+@click.option("--splice/--no-splice", default=False, show_default=True,
+              help="Same-node opaque TCP spliced in the kernel (sk_skb). Off by default: no backpressure.")
 @click.option("--no-capture", is_flag=True, help="Do not capture connections that dial local meshed pods around the mesh.")
 @click.option("--trust-anchor", default="", help="PEM trust bundle of the mesh CA: enables the mTLS stream, certificates and tunnels.")
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option("--identity-dir", default="", help="Keeps the node key/certificate across restarts (the token is single use).")
 @friendly_errors
 def agent_run(node: str, controller_addr: tuple[str, int], token_file: str, cgroup_path: str, agent_cgroup_path: str,
-              proxy_ip: str, inbound_ip: str, admin: tuple[str, int], no_bpf: bool, bpf_pin_dir: str | None, no_sockmap: bool,
-              trust_anchor: str, trust_domain: str, identity_dir: str, redirect: str = "auto", no_capture: bool = False, no_splice: bool = False) -> None:
+              proxy_ip: str, inbound_ip: str, admin: tuple[str, int], no_bpf: bool, bpf_pin_dir: str | None, sockmap: bool,
+              trust_anchor: str, trust_domain: str, identity_dir: str, redirect: str = "auto", no_capture: bool = False, splice: bool = False) -> None:
     """Run the node agent: BPF redirect, node proxy, config stream, admin."""
     from nodemesh.agent.bpf_pins import default_pin_dir
     from nodemesh.agent.config import AgentConfig
@@ -231,8 +233,8 @@ def agent_run(node: str, controller_addr: tuple[str, int], token_file: str, cgro
     pin_dir = default_pin_dir(node) if bpf_pin_dir is None else bpf_pin_dir
     run(AgentConfig(node=node, controller=controller_addr, token_file=token_file, cgroup_path=cgroup_path,
                     agent_cgroup_path=agent_cgroup_path, proxy_ip=proxy_ip, inbound_ip=inbound_ip, admin=admin, bpf=not no_bpf,
-                    bpf_pin_dir=pin_dir, sockmap=not no_sockmap, trust_anchor_file=trust_anchor, trust_domain=trust_domain,
-                    identity_dir=identity_dir, redirect=redirect, capture=not no_capture, splice=not no_splice))
+                    bpf_pin_dir=pin_dir, sockmap=sockmap, trust_anchor_file=trust_anchor, trust_domain=trust_domain,
+                    identity_dir=identity_dir, redirect=redirect, capture=not no_capture, splice=splice))
 
 
 # ---------------------------------------------------------------------------------------------

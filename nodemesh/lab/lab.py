@@ -180,10 +180,10 @@ def _start_agent(state: LabState, name: str) -> None:
         "--admin", f"0.0.0.0:{ADMIN_PORT}",
         "--bpf-pin-dir", os.path.join(BPF_PIN_ROOT, name),
     )
-    if os.environ.get("NODEMESH_LAB_SOCKMAP", "1") == "0":  # A/B runs: the shortcut off
-        argv.append("--no-sockmap")
-    if os.environ.get("NODEMESH_LAB_SPLICE", "1") == "0":  # A/B runs: same-node TCP relayed in user space
-        argv.append("--no-splice")
+    if os.environ.get("NODEMESH_LAB_SOCKMAP", "0") == "1":  # the sockmap shortcut (off by default, see AgentConfig.sockmap)
+        argv.append("--sockmap")
+    if os.environ.get("NODEMESH_LAB_SPLICE", "0") == "1":  # the kernel splice (off by default, see AgentConfig.splice)
+        argv.append("--splice")
     redirect = os.environ.get("NODEMESH_LAB_REDIRECT", "")  # "iptables": the nftables fallback mode
     if redirect:
         if redirect not in ("auto", "bpf", "iptables"):
@@ -325,9 +325,45 @@ def _create(state: LabState, cluster: ClusterState) -> None:
     # Pods start once their node's agent redirects (as a CNI-ready node would admit them).
     for pod in cluster.pods:
         _start_pod(state, pod)
+    _wait_pods_serving(state, cluster.pods, deadline)
     state.status = "up"
     state.save()
     supervisor.start(state)  # restarts a dead agent, as a DaemonSet would
+
+
+_TCP_PROBE = """
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+waiting = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in sys.argv[2:]]
+while waiting and time.monotonic() < deadline:
+    addr = waiting[0]
+    try:
+        socket.create_connection(addr, timeout=0.5).close()
+        waiting.pop(0)
+    except OSError:
+        time.sleep(0.05)
+print(" ".join(f"{h}:{p}" for h, p in waiting))
+"""
+
+
+def _wait_pods_serving(state: LabState, pods: Sequence[Pod], deadline: float) -> None:
+    """A readiness probe for declared container ports (TCP connect, as a kubelet tcpSocket probe), so
+    `lab up` returns when the sample services answer. Probed from each node's netns: the node's own
+    connections are neither redirected (not in the node cgroup) nor captured (locally generated)."""
+    by_node: dict[str, list[str]] = {}
+    for pod in pods:
+        addr = _pod(state, pod.namespace, pod.name)
+        for c in pod.containers:
+            if c.command or c.args:
+                by_node.setdefault(addr.node.name, []).extend(f"{addr.ip}:{p.container_port}" for p in c.ports)
+    for name, targets in by_node.items():
+        left = max(1.0, deadline - time.monotonic())
+        out = processes.run([sys.executable, "-c", _TCP_PROBE, str(left), *targets], netns=_node(state, name).netns,
+                            cgroup=None, capture=True, timeout=left + 10)
+        still = out.stdout.decode().strip()
+        if still:
+            raise LabError(f"pods on {name} did not accept connections within {READY_TIMEOUT:.0f} s: {still}; "
+                           f"see the pod logs in {os.path.join(lab_dir(), 'logs')}")
 
 
 def down() -> list[str]:

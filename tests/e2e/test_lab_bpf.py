@@ -37,7 +37,11 @@ except OSError as e:
 @pytest.fixture(scope="module")
 def running_lab() -> Iterator[dict]:
     lab.down()
-    lab.up()
+    os.environ["NODEMESH_LAB_SOCKMAP"] = "1"  # these tests switch the shortcut at run time
+    try:
+        lab.up()
+    finally:
+        os.environ.pop("NODEMESH_LAB_SOCKMAP", None)
     try:
         yield lab.status()
     finally:

@@ -25,6 +25,8 @@ def running_lab() -> Iterator[dict]:
     lab.down()  # whatever an earlier crashed run left
     lab.up()
     try:
+        # `lab up` returns once pods serve (a TCP readiness probe): the first requests must succeed.
+        assert client_summary("client", HELLO_URL, 4, concurrency=2)["ok"] == 4
         yield lab.status()
     finally:
         lab.down()

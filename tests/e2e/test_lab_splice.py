@@ -6,6 +6,8 @@ side, tcp_*_bytes_total still count them, and a policy change still cuts a splic
 
 from __future__ import annotations
 
+import os
+
 import json
 import subprocess
 import sys
@@ -94,7 +96,13 @@ def splice_numbers() -> dict[str, float]:
 @pytest.fixture(scope="module")
 def splice_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     lab.down()
-    lab.up()
+    os.environ["NODEMESH_LAB_SOCKMAP"] = "1"  # these tests switch the shortcut at run time
+    os.environ["NODEMESH_LAB_SPLICE"] = "1"  # and need the splice (both off by default)
+    try:
+        lab.up()
+    finally:
+        os.environ.pop("NODEMESH_LAB_SOCKMAP", None)
+        os.environ.pop("NODEMESH_LAB_SPLICE", None)
     try:
         f = tmp_path_factory.mktemp("splice") / "sink.yaml"
         f.write_text(SINK_POD)

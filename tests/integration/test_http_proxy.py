@@ -584,3 +584,33 @@ def test_golden_metrics_have_linkerd_names_and_the_values_sent() -> None:
             assert "# TYPE response_latency_ms histogram" in text and "# TYPE route_response_latency_ms histogram" in text
 
     run(body)
+
+
+def test_tls_from_the_app_is_relayed_opaque_and_its_sni_recorded(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import ssl
+
+    ctx = ssl.create_default_context()
+    outgoing = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="api.example.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()  # writes a real ClientHello, then waits for the server
+    hello = outgoing.read()
+
+    async def body() -> None:
+        async with lab() as m:
+            m.configure(default_services(m))
+            r, w = await m.connect((VIP_RAW, 80))
+            w.write(hello)
+            await w.drain()
+            for _ in range(100):
+                if bytes(Recorder.received).startswith(hello):
+                    break
+                await asyncio.sleep(0.02)
+            w.close()
+            assert bytes(Recorder.received).startswith(hello)  # relayed as bytes, untouched
+            assert http_series(m, "request_total") == 0
+
+    with caplog.at_level(logging.DEBUG, logger="nodemesh.agent.http_proxy"):
+        run(body)
+    assert "SNI api.example.test" in caplog.text
