@@ -1,12 +1,7 @@
-class TcpStats:
-    """Counters for one label set: connections opened/closed/open and bytes read/written."""
-
-    open_total: int
-    open_connections: int
-    close_total: int
-    read_bytes: int
-    write_bytes: int
-    def opened(self) -> None: ...
-    def closed(self) -> None: ...
-    def add_read(self, n: int) -> None: ...
-    def add_write(self, n: int) -> None: ...
+# The one extension module's surface is the union of its units (each unit's .pyi beside this one).
+from nodemesh.fastpath.balance import *
+from nodemesh.fastpath.detect import *
+from nodemesh.fastpath.histogram import *
+from nodemesh.fastpath.http1 import *
+from nodemesh.fastpath.route import *
+from nodemesh.fastpath.tcp_stats import *

@@ -74,3 +74,65 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# ---- lab files for feature tests: two nodes, a meshed `demo` namespace, a client pod ----------
+
+
+def pod_yaml(name: str, app: str, node: str, *, sa: str, command: str, port_name: str, args: str = "") -> str:
+    """A demo pod running `nodemesh <command> --port 8080` (`args`: more JSON list items, e.g. ', "--fail-rate", "1"')."""
+    return f"""
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: {sa}
+  containers:
+    - name: {port_name if port_name != "http" else "web"}
+      command: ["nodemesh", "{command}", "--port", "8080"{args}]
+      ports: [{{containerPort: 8080, name: {port_name}}}]
+"""
+
+
+def service_yaml(name: str, ip: str, app: str, port_name: str) -> str:
+    return f"""
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec: {{clusterIP: {ip}, selector: {{app: {app}}}, ports: [{{name: {port_name}, port: 80, targetPort: 8080}}]}}
+"""
+
+
+def two_node_lab(server_sa: str) -> str:
+    """Nodes, the meshed namespace, the servers' and the client's service accounts, the client pod."""
+    return f"""apiVersion: v1
+kind: Node
+metadata: {{name: node1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node2}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{nodemesh.io/mesh: enabled}}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {server_sa}, namespace: demo}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: client, namespace: demo}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: demo, labels: {{app: client}}}}
+spec:
+  nodeName: node1
+  serviceAccountName: client
+  containers: [{{name: client, command: ["sleep", "infinity"]}}]
+"""

@@ -16,66 +16,20 @@ import pytest
 from nodemesh.lab import lab
 from nodemesh.scrape import total
 
-from .labtools import cli, eventually, leftovers, metrics, pod_exec, requires_root
+from .labtools import cli, eventually, leftovers, metrics, pod_exec, pod_yaml, requires_root, service_yaml, two_node_lab
 
 pytestmark = [pytest.mark.e2e, requires_root]
 
 
 def _pod(name: str, app: str, node: str, args: str = "") -> str:
-    return f"""
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}
-spec:
-  nodeName: {node}
-  serviceAccountName: grpc
-  containers:
-    - name: grpc
-      command: ["nodemesh", "sample-h2-server", "--port", "8080"{args}]
-      ports: [{{containerPort: 8080, name: grpc}}]
-"""
+    return pod_yaml(name, app, node, sa="grpc", command="sample-h2-server", port_name="grpc", args=args)
 
 
 def _svc(name: str, ip: str, app: str) -> str:
-    return f"""
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: demo}}
-spec: {{clusterIP: {ip}, selector: {{app: {app}}}, ports: [{{name: grpc, port: 80, targetPort: 8080}}]}}
-"""
+    return service_yaml(name, ip, app, "grpc")
 
 
-LAB = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: node1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: node2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: demo, labels: {nodemesh.io/mesh: enabled}}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: grpc, namespace: demo}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: client, namespace: demo}
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: demo, labels: {app: client}}
-    spec:
-      nodeName: node1
-      serviceAccountName: client
-      containers: [{name: client, command: ["sleep", "infinity"]}]
-""") + "".join([
+LAB = two_node_lab("grpc") + "".join([
     _svc("grpc", "10.96.0.20", "grpc"), _pod("grpc-1", "grpc", "node1"), _pod("grpc-2", "grpc", "node2"),
     _svc("grpc-down", "10.96.0.21", "grpc-down"), _pod("grpc-down-1", "grpc-down", "node2", ', "--fail-rate", "1", "--fail-code", "14"'),
     _svc("grpc-flaky", "10.96.0.22", "grpc-flaky"), _pod("grpc-flaky-1", "grpc-flaky", "node1", ', "--fail-rate", "0.3"'),

@@ -18,66 +18,20 @@ import pytest
 from nodemesh.lab import lab
 from nodemesh.scrape import total
 
-from .labtools import cli, eventually, leftovers, metrics, pod_exec, requires_root
+from .labtools import cli, eventually, leftovers, metrics, pod_exec, pod_yaml, requires_root, service_yaml, two_node_lab
 
 pytestmark = [pytest.mark.e2e, requires_root]
 
 
 def _pod(name: str, app: str, node: str, args: str = "") -> str:
-    return f"""
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}
-spec:
-  nodeName: {node}
-  serviceAccountName: hello
-  containers:
-    - name: web
-      command: ["nodemesh", "sample-server", "--port", "8080"{args}]
-      ports: [{{containerPort: 8080, name: http}}]
-"""
+    return pod_yaml(name, app, node, sa="hello", command="sample-server", port_name="http", args=args)
 
 
 def _svc(name: str, ip: str, app: str) -> str:
-    return f"""
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: demo}}
-spec: {{clusterIP: {ip}, selector: {{app: {app}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
-"""
+    return service_yaml(name, ip, app, "http")
 
 
-LAB = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: node1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: node2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: demo, labels: {nodemesh.io/mesh: enabled}}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: hello, namespace: demo}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: client, namespace: demo}
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: demo, labels: {app: client}}
-    spec:
-      nodeName: node1
-      serviceAccountName: client
-      containers: [{name: client, command: ["sleep", "infinity"]}]
-""") + "".join([
+LAB = two_node_lab("hello") + "".join([
     _svc("hello", "10.96.0.10", "hello"), _pod("hello-1", "hello", "node1"), _pod("hello-2", "hello", "node2"),
     _svc("hello-v2", "10.96.0.11", "hello-v2"), _pod("hello-v2-1", "hello-v2", "node2"),
     _svc("mixed", "10.96.0.12", "mixed"), _pod("fast-1", "mixed", "node1"), _pod("slow-1", "mixed", "node2", ', "--latency-ms", "50"'),
