@@ -52,6 +52,7 @@ from nodemesh.agent.metrics import ProxyMetrics
 from nodemesh.agent.outbound import DialError, dial
 from nodemesh.agent.relay import reset_transport
 from nodemesh.agent.retry_budget import MAX_RETRYABLE_BODY
+from nodemesh.agent.http_proxy import ProxyError, backend_target
 from nodemesh.agent.routes import Backend, Rule
 from nodemesh.agent.workloads import ServicePortTarget
 from nodemesh.authz import ClientInfo
@@ -69,16 +70,6 @@ MAX_STREAMS = 128  # concurrent streams we accept per client connection
 MAX_STREAMS_PER_UPSTREAM = 100  # streams we open per upstream connection before dialing another
 MAX_HEADER_LIST = 64 * 1024
 POOL_ROUNDS = 8  # bounded acquire loop (dials that fail for others, full connections)
-
-
-class ProxyError(Exception):
-    """The proxy answers the stream itself: HTTP `status`, or gRPC `grpc` for gRPC callers."""
-
-    def __init__(self, status: int, reason: str, grpc: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.grpc = grpc
 
 
 class StreamGone(Exception):
@@ -743,14 +734,7 @@ class Exchange:
         return 0, None
 
     def _backend_target(self, backend: Backend | None) -> ServicePortTarget:
-        t = self.target
-        if backend is None:
-            return t.target
-        for tgt in t.view.service_ports.values():
-            s = tgt.service
-            if (s.namespace, s.name, tgt.port.port) == (backend.namespace, backend.name, backend.port):
-                return tgt
-        raise ProxyError(503, f"backend service {backend.namespace}/{backend.name}:{backend.port} is not in the config")
+        return backend_target(self.target, backend)  # HTTP/1 and h2 resolve backendRefs alike
 
     async def _attempts(self, rule: Rule | None, dst_stats: HttpStats, route_stats: HttpStats) -> tuple[int, int | None]:
         retry = rule.retry if rule is not None else None

@@ -63,12 +63,14 @@ _REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 502
 
 
 class ProxyError(Exception):
-    """The proxy answers the request itself with `status` and `reason` (also logged)."""
+    """The proxy answers the request itself with `status` and `reason` (also logged); h2 answers
+    gRPC callers with the `grpc` status when one is given."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, grpc: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.grpc = grpc
 
 
 # ---- bodies: a bounded byte stream between a parser callback and the task that forwards it ----
@@ -761,7 +763,7 @@ class Exchange:
         return keep
 
     def _backend_target(self, backend: Backend | None) -> ServicePortTarget:
-        return _backend_target(self.t, backend)
+        return backend_target(self.t, backend)
 
     async def _attempts(self, rule: Rule | None, route_name: str, dst_stats, route_stats) -> tuple[int, bool]:  # noqa: ANN001
         head = self.req.head
@@ -923,7 +925,8 @@ class Exchange:
             server._write(LAST_CHUNK)
 
 
-def _backend_target(t: HttpTarget, backend: Backend | None) -> ServicePortTarget:
+def backend_target(t: HttpTarget, backend: Backend | None) -> ServicePortTarget:
+    """The service port a route's backendRef names (the dialed one when the rule has none); 503 if absent."""
     if backend is None:
         return t.target
     for tgt in t.view.service_ports.values():
@@ -992,7 +995,7 @@ class _Direct:
         t = server.target
         proxy = server.proxy
         try:
-            tgt = _backend_target(t, rule.pick_backend() if rule is not None and rule.backends else None)
+            tgt = backend_target(t, rule.pick_backend() if rule is not None and rule.backends else None)
             usable = [e for e in tgt.port.endpoints if e.node == t.view.node or t.view.node_info(e.node) is not None]
             if not usable:
                 raise ProxyError(503, f"no endpoints for service {tgt.service.namespace}/{tgt.service.name} port {tgt.port.port}")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from typing import Any
 
-from bench.configs import RESPONSE_BODY, _global
+from bench.configs import RESPONSE_BODY, _global, _nginx
 from bench.procstat import pin
 
 HOST = "127.0.9.2"
@@ -52,21 +52,8 @@ uvloop.run(main())
 
 
 def nginx_conf(prefix: str) -> str:
-    return f"""worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp;
-    keepalive_requests 1000000;
-    server {{
-        listen {HOST}:{NGINX_PORT} http2 backlog=4096;
-        location / {{ default_type text/plain; return 200 "{RESPONSE_BODY}"; }}
-    }}
-}}
-"""
+    return _nginx(prefix, f"""        listen {HOST}:{NGINX_PORT} http2 backlog=4096;
+        location / {{ default_type text/plain; return 200 "{RESPONSE_BODY}"; }}""")
 
 
 def haproxy_conf(prefix: str) -> str:

@@ -115,7 +115,26 @@ def _scan(path: str) -> dict[str, Signature]:
     return out
 
 
-class DirSource:
+class RejectionLog:
+    """The rejected objects of a source (file or Kubernetes): each distinct problem is logged and
+    counted once, while it lasts; `errors` is what the current state leaves out."""
+
+    def __init__(self) -> None:
+        self._known_errors: set[str] = set()
+        self.errors_total = 0  # rejected files/objects, each counted once per distinct problem
+        self.errors: list[ConfigError] = []  # the problems in the current contents
+
+    def _report(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        current = {str(e) for e in errors}
+        for e in errors:
+            if str(e) not in self._known_errors:
+                log.error("rejected: %s", e)
+                self.errors_total += 1
+        self._known_errors = current
+
+
+class DirSource(RejectionLog):
     """Re-reads a directory on change and reports each new valid state.
 
     Change detection polls (name, mtime_ns, size, inode) every `interval` seconds: dependency-free
@@ -132,11 +151,9 @@ class DirSource:
     ) -> None:
         self.path, self.trust_domain, self.interval = path, trust_domain, interval
         self._on_state = on_state
+        super().__init__()
         self._files: dict[str, _FileResult] = {}
-        self._known_errors: set[str] = set()
         self.state: ClusterState | None = None
-        self.errors_total = 0  # rejected files/objects, each counted once per distinct problem
-        self.errors: list[ConfigError] = []  # the problems in the current directory contents
 
     def refresh(self) -> bool:
         """Checks the directory once; returns True if a new state was delivered."""
@@ -157,15 +174,6 @@ class DirSource:
         self.state = state
         self._on_state(state)
         return True
-
-    def _report(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        current = {str(e) for e in errors}
-        for e in errors:
-            if str(e) not in self._known_errors:
-                log.error("rejected: %s", e)
-                self.errors_total += 1
-        self._known_errors = current
 
     async def run(self) -> None:
         """Polls until cancelled. Reading is synchronous: a lab directory is a few small files."""

@@ -28,7 +28,7 @@ from kubernetes.client.rest import ApiException
 from nodemesh.errors import ConfigError
 from nodemesh.model import DEFAULT_TRUST_DOMAIN, SUPPORTED_KINDS, ClusterState, Object, ObjectKey, key_of, parse_object
 
-from nodemesh.controller.file_source import _assemble, _FileResult
+from nodemesh.controller.file_source import RejectionLog, _assemble, _FileResult
 from nodemesh.controller.k8s_resources import WatchedKind, admit, raw_key, watched_kinds
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,13 @@ def _retry_after(exc: ApiException) -> float | None:
         return None
 
 
-class KubeSource:
+class KubeSource(RejectionLog):
     """Feeds `on_state` with the cluster state the API server describes (same contract as DirSource)."""
 
     def __init__(self, api: k8s.ApiClient, on_state: Callable[[ClusterState], Any],
                  trust_domain: str = DEFAULT_TRUST_DOMAIN, watch_seconds: int = WATCH_SECONDS,
                  kinds: tuple[WatchedKind, ...] | None = None, backoff: Callable[[], Backoff] = Backoff) -> None:
+        super().__init__()
         self.api, self.trust_domain = api, trust_domain
         self._on_state = on_state
         self.kinds = kinds if kinds is not None else watched_kinds(SUPPORTED_KINDS)
@@ -219,12 +220,9 @@ class KubeSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parsed: dict[str, dict[tuple[str, str], tuple[str, Object | None, ConfigError | None]]] = {}
         self._last_good: dict[ObjectKey, Object] = {}
-        self._known_errors: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._wakeup = asyncio.Event()
         self.state: ClusterState | None = None
-        self.errors: list[ConfigError] = []
-        self.errors_total = 0
 
     # Reflector side (any thread) -----------------------------------------------------------
 
@@ -302,15 +300,6 @@ class KubeSource:
             return parse_object(doc, source), None
         except ConfigError as exc:
             return None, exc
-
-    def _report(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        current = {str(e) for e in errors}
-        for e in errors:
-            if str(e) not in self._known_errors:
-                log.error("rejected: %s", e)
-                self.errors_total += 1
-        self._known_errors = current
 
     def start_threads(self) -> None:
         for r in self.reflectors:
