@@ -86,12 +86,20 @@ def test_not_root_gets_one_clear_sentence() -> None:
     assert leftovers() == []
 
 
+# Imports happen as root, then the process becomes nobody and runs the CLI: a checkout under a
+# 0700 directory (e.g. mktemp -d) is not readable by nobody, and that must not decide this test.
+_AS_NOBODY = """
+import os, sys
+import nodemesh.cgroups, nodemesh.cli, nodemesh.lab.lab, nodemesh.preflight
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.argv = ["nodemesh", *sys.argv[1:]]
+nodemesh.cli.main()
+"""
+
+
 def cli_as_nobody(*args: str):
     import subprocess
     import sys
 
     env = {"PATH": os.environ.get("PATH", ""), "NODEMESH_LAB_DIR": "/tmp/nodemesh-nobody-lab", "HOME": "/tmp"}
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "nodemesh", *args],
-        capture_output=True, text=True, env=env, timeout=60,
-    )
+    return subprocess.run([sys.executable, "-c", _AS_NOBODY, *args], capture_output=True, text=True, env=env, timeout=60)
