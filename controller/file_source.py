@@ -12,20 +12,20 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from nodemesh.errors import ConfigError
-from nodemesh.model import DEFAULT_TRUST_DOMAIN, ClusterState, Object, ObjectKey, describe, key_of, parse_object
+from nodemesh.model import DEFAULT_TRUST_DOMAIN, ClusterState, ObjectKey, key_of, parse_object
+
+from nodemesh.controller.state_merge import RejectionLog, Signature, SourceObjects, merge_sources
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.3
 _SUFFIXES = (".yaml", ".yml")
 
-Signature = tuple[int, int, int]  # (mtime_ns, size, inode): inode catches write-and-rename saves
 
 
 def _raw_key(doc: Any) -> ObjectKey | None:
@@ -39,16 +39,9 @@ def _raw_key(doc: Any) -> ObjectKey | None:
     return (kind, str(ns), meta["name"])
 
 
-@dataclass
-class _FileResult:
-    signature: Signature
-    objects: dict[ObjectKey, Object] = field(default_factory=dict)
-    errors: list[ConfigError] = field(default_factory=list)
-
-
-def _parse_file(path: str, sig: Signature, previous: _FileResult | None) -> _FileResult:
+def _parse_file(path: str, sig: Signature, previous: SourceObjects | None) -> SourceObjects:
     old = previous.objects if previous else {}
-    result = _FileResult(sig)
+    result = SourceObjects(signature=sig)
     try:
         with open(path, encoding="utf-8") as f:
             docs = [d for d in yaml.safe_load_all(f) if d is not None]
@@ -74,37 +67,6 @@ def _parse_file(path: str, sig: Signature, previous: _FileResult | None) -> _Fil
     return result
 
 
-def _message(exc: ConfigError) -> str:
-    """The bare message of a ConfigError (without its "source, object, field: " prefix)."""
-    prefix = str(ConfigError("", source=exc.source, obj=exc.obj, field=exc.field))
-    return str(exc)[len(prefix):] if str(exc).startswith(prefix) else str(exc)
-
-
-def _assemble(files: Mapping[str, _FileResult], trust_domain: str) -> tuple[ClusterState, list[ConfigError]]:
-    """Merges per-file objects into one valid state, dropping each object that fails validation."""
-    errors: list[ConfigError] = []
-    objects: dict[ObjectKey, Object] = {}
-    origin: dict[ObjectKey, str] = {}
-    for path in sorted(files):
-        errors.extend(files[path].errors)
-        for key, obj in files[path].objects.items():
-            if key in objects:
-                errors.append(ConfigError(f"is also defined in {origin[key]}; the first definition wins", source=path, obj=describe(key)))
-                continue
-            objects[key], origin[key] = obj, path
-    empty = ClusterState(trust_domain=trust_domain)
-    while True:
-        try:
-            return empty.apply(objects.values()), errors
-        except ConfigError as exc:
-            # Cross-object checks name the offender: reject just that object and try the rest.
-            bad = next((k for k in objects if describe(k) == exc.obj), None)
-            if bad is None:
-                raise
-            errors.append(ConfigError(_message(exc), source=origin[bad], obj=exc.obj, field=exc.field))
-            del objects[bad]
-
-
 def _scan(path: str) -> dict[str, Signature]:
     out = {}
     with os.scandir(path) as it:
@@ -113,25 +75,6 @@ def _scan(path: str) -> dict[str, Signature]:
                 st = e.stat()
                 out[e.path] = (st.st_mtime_ns, st.st_size, st.st_ino)
     return out
-
-
-class RejectionLog:
-    """The rejected objects of a source (file or Kubernetes): each distinct problem is logged and
-    counted once, while it lasts; `errors` is what the current state leaves out."""
-
-    def __init__(self) -> None:
-        self._known_errors: set[str] = set()
-        self.errors_total = 0  # rejected files/objects, each counted once per distinct problem
-        self.errors: list[ConfigError] = []  # the problems in the current contents
-
-    def _report(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        current = {str(e) for e in errors}
-        for e in errors:
-            if str(e) not in self._known_errors:
-                log.error("rejected: %s", e)
-                self.errors_total += 1
-        self._known_errors = current
 
 
 class DirSource(RejectionLog):
@@ -152,7 +95,7 @@ class DirSource(RejectionLog):
         self.path, self.trust_domain, self.interval = path, trust_domain, interval
         self._on_state = on_state
         super().__init__()
-        self._files: dict[str, _FileResult] = {}
+        self._files: dict[str, SourceObjects] = {}
         self.state: ClusterState | None = None
 
     def refresh(self) -> bool:
@@ -167,7 +110,7 @@ class DirSource(RejectionLog):
         self._files = {p: self._files[p] if p in self._files and self._files[p].signature == s
                        else _parse_file(p, s, self._files.get(p))
                        for p, s in sigs.items()}
-        state, errors = _assemble(self._files, self.trust_domain)
+        state, errors = merge_sources(self._files, self.trust_domain)
         self._report(errors)
         if state == self.state:
             return False
@@ -188,7 +131,7 @@ class DirSource(RejectionLog):
 def read_dir(path: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> tuple[ClusterState, list[ConfigError]]:
     """The state a directory describes, and every file or object that was rejected."""
     files = {p: _parse_file(p, s, None) for p, s in _scan(path).items()}
-    return _assemble(files, trust_domain)
+    return merge_sources(files, trust_domain)
 
 
 def load_dir(path: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> ClusterState:

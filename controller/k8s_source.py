@@ -28,7 +28,7 @@ from kubernetes.client.rest import ApiException
 from nodemesh.errors import ConfigError
 from nodemesh.model import DEFAULT_TRUST_DOMAIN, SUPPORTED_KINDS, ClusterState, Object, ObjectKey, key_of, parse_object
 
-from nodemesh.controller.file_source import RejectionLog, _assemble, _FileResult
+from nodemesh.controller.state_merge import RejectionLog, SourceObjects, merge_sources
 from nodemesh.controller.k8s_resources import WatchedKind, admit, raw_key, watched_kinds
 
 log = logging.getLogger(__name__)
@@ -262,10 +262,10 @@ class KubeSource(RejectionLog):
             if any(wk.kind not in self._raw for wk in self.kinds):
                 return False  # not every kind listed yet: a partial state would drop workloads
             raw = {k: dict(v) for k, v in self._raw.items()}
-        results: dict[str, _FileResult] = {}
+        results: dict[str, SourceObjects] = {}
         for wk in self.kinds:
             source = f"kubernetes {wk.plural}"
-            res = results[source] = _FileResult((0, 0, 0))
+            res = results[source] = SourceObjects()
             cache = self._parsed.setdefault(wk.kind, {})
             for key in set(cache) - set(raw[wk.kind]):
                 del cache[key]
@@ -282,7 +282,7 @@ class KubeSource(RejectionLog):
                         res.objects[key_of(old)] = old
                 elif parsed is not None:
                     res.objects[key_of(parsed)] = parsed
-        state, errors = _assemble(results, self.trust_domain)
+        state, errors = merge_sources(results, self.trust_domain)
         self._last_good = dict(state.objects)
         self._report(errors)
         if state == self.state:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
@@ -26,30 +27,37 @@ from nodemesh.controller.stream_server import StreamServer, load_tokens
 log = logging.getLogger("nodemesh.controller")
 
 
-async def serve(
-    state_dir: str,
-    listen: tuple[str, int],
-    admin: tuple[str, int],
-    tokens_file: str | None,
-    trust_domain: str = DEFAULT_TRUST_DOMAIN,
-    default_policy: str = "all-unauthenticated",
-    ca_dir: str | None = None,
-    leaf_lifetime: float | None = None,
-    source_kind: str = "files",
-    kubeconfig: str | None = None,
-    agent_auth: str = "tokens",
-    token_audience: str = "nodemesh-controller",
-    agent_service_account: str = "nodemesh/nodemesh-agent",
-) -> None:
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Everything `nodemesh controller run` configures (the CLI's flags, one field each)."""
+
+    state_dir: str = ""
+    listen: tuple[str, int] = ("0.0.0.0", 8086)
+    admin: tuple[str, int] = ("0.0.0.0", 9990)
+    tokens_file: str | None = None
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    default_policy: str = "all-unauthenticated"
+    ca_dir: str | None = None
+    leaf_lifetime: float | None = None
+    source_kind: str = "files"
+    kubeconfig: str | None = None
+    agent_auth: str = "tokens"
+    token_audience: str = "nodemesh-controller"
+    agent_service_account: str = "nodemesh/nodemesh-agent"
+
+
+async def serve(opts: ControllerOptions) -> None:
     """Runs the controller until SIGTERM/SIGINT (or until cancelled), then shuts down cleanly.
     With `ca_dir` the controller is the mesh CA and the config stream is mTLS (SIGHUP re-reads
     the issuer and trust bundle from `ca_dir`: issuer rotation). Agents are authenticated by the
     static tokens in `tokens_file` (agent_auth "tokens") or by TokenReview ("tokenreview")."""
-    store = ConfigStore(default_policy=check_default_policy(default_policy, "--default-inbound-policy"))
+    state_dir, listen, admin, ca_dir, source_kind = opts.state_dir, opts.listen, opts.admin, opts.ca_dir, opts.source_kind
+    store = ConfigStore(default_policy=check_default_policy(opts.default_policy, "--default-inbound-policy"))
     # fail fast: without tokens (or API access for TokenReview) no agent can ever connect
-    authenticator = _authenticator(agent_auth, tokens_file, kubeconfig, token_audience, agent_service_account, store)
-    source = _make_source(source_kind, state_dir, kubeconfig, store, trust_domain)
-    identity = _identity_service(ca_dir, trust_domain, leaf_lifetime, store, authenticator) if ca_dir else None
+    authenticator = _authenticator(opts.agent_auth, opts.tokens_file, opts.kubeconfig, opts.token_audience,
+                                   opts.agent_service_account, store)
+    source = _make_source(source_kind, state_dir, opts.kubeconfig, store, opts.trust_domain)
+    identity = _identity_service(ca_dir, opts.trust_domain, opts.leaf_lifetime, store, authenticator) if ca_dir else None
     stream = StreamServer(store, identity=identity, authenticator=authenticator)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,7 +78,7 @@ async def serve(
         watch = asyncio.create_task(source.run(), name="file-source")
         log.info("controller up: config stream on %s:%d, admin on %s:%d, state from %s, agents authenticated by %s",
                  listen[0], stream.port, admin[0], admin_server.sockets[0].getsockname()[1],
-                 state_dir if source_kind == "files" else "the Kubernetes API", agent_auth)
+                 state_dir if source_kind == "files" else "the Kubernetes API", opts.agent_auth)
         try:
             await stop.wait()
             log.info("signal received; shutting down")
@@ -130,27 +138,11 @@ def _reload_ca(identity: IdentityService, ca_dir: str) -> None:
         log.error("CA reload refused, keeping the current issuer: %s", exc)
 
 
-def run(
-    state_dir: str,
-    listen: tuple[str, int] = ("0.0.0.0", 8086),
-    admin: tuple[str, int] = ("0.0.0.0", 9990),
-    tokens_file: str | None = "tokens.json",
-    trust_domain: str = DEFAULT_TRUST_DOMAIN,
-    log_level: str = "INFO",
-    default_policy: str = "all-unauthenticated",
-    ca_dir: str | None = None,
-    leaf_lifetime: float | None = None,
-    source_kind: str = "files",
-    kubeconfig: str | None = None,
-    agent_auth: str = "tokens",
-    token_audience: str = "nodemesh-controller",
-    agent_service_account: str = "nodemesh/nodemesh-agent",
-) -> None:
+def run(opts: ControllerOptions, log_level: str = "INFO") -> None:
     """Entry point for the CLI: logs to stderr and runs `serve` on uvloop."""
     logging.basicConfig(stream=sys.stderr, level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        uvloop.run(serve(state_dir, listen, admin, tokens_file, trust_domain, default_policy, ca_dir, leaf_lifetime,
-                         source_kind, kubeconfig, agent_auth, token_audience, agent_service_account))
+        uvloop.run(serve(opts))
     except NodemeshError as exc:  # one clear sentence, no traceback
         log.error("%s", exc)
         sys.exit(exc.exit_code)

@@ -172,12 +172,13 @@ def controller_run(state_dir: str | None, source_kind: str, kubeconfig: str | No
                    agent_auth: str, tokens_file: str | None, token_audience: str, agent_service_account: str, trust_domain: str,
                    log_level: str, default_policy: str, ca_dir: str | None, leaf_lifetime: float | None) -> None:
     """Serve config to agents from the standalone source or the Kubernetes API."""
-    from nodemesh.controller.main import run
+    from nodemesh.controller.main import ControllerOptions, run
 
     check_controller_options(source_kind, state_dir, agent_auth, tokens_file, agent_service_account)
-    run(state_dir=state_dir or "", listen=listen, admin=admin, tokens_file=tokens_file, trust_domain=trust_domain, default_policy=default_policy,
-        ca_dir=ca_dir, leaf_lifetime=leaf_lifetime, source_kind=source_kind, kubeconfig=kubeconfig, log_level=log_level,
-        agent_auth=agent_auth, token_audience=token_audience, agent_service_account=agent_service_account)
+    run(ControllerOptions(state_dir=state_dir or "", listen=listen, admin=admin, tokens_file=tokens_file, trust_domain=trust_domain,
+                          default_policy=default_policy, ca_dir=ca_dir, leaf_lifetime=leaf_lifetime, source_kind=source_kind,
+                          kubeconfig=kubeconfig, agent_auth=agent_auth, token_audience=token_audience,
+                          agent_service_account=agent_service_account), log_level=log_level)
 
 
 def check_controller_options(source_kind: str, state_dir: str | None, agent_auth: str, tokens_file: str | None,

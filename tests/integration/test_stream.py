@@ -17,7 +17,7 @@ from nodemesh import wire
 from nodemesh.agent.stream_client import ConfigStream
 from nodemesh.controller.admin import serve_controller_admin
 from nodemesh.controller.config_store import ConfigStore
-from nodemesh.controller.main import serve
+from nodemesh.controller.main import ControllerOptions, serve
 from nodemesh.controller.stream_server import PING_INTERVAL, StreamServer
 from nodemesh.model import ClusterState, Container, Namespace, Node, Pod, Service, ServicePort
 from nodemesh.nodeconfig import NodeConfig
@@ -323,7 +323,7 @@ def test_serve_end_to_end(tmp_path: Path):
     sport, aport = free_port(), free_port()
 
     async def main() -> None:
-        task = asyncio.ensure_future(serve(str(state_dir), ("127.0.0.1", sport), ("127.0.0.1", aport), str(tokens), "example.org"))
+        task = asyncio.ensure_future(serve(ControllerOptions(str(state_dir), ("127.0.0.1", sport), ("127.0.0.1", aport), str(tokens), "example.org")))
         agent = Agent(sport)
         # serve() pings every PING_INTERVAL: an agent expecting FAST pings would time out and reconnect
         agent.stream.ping_interval = PING_INTERVAL
