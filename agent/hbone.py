@@ -166,7 +166,10 @@ class H2Mux(asyncio.Protocol):
 
     def __init__(self, client: bool, on_request: Callable[[H2Stream, str, dict[str, str]], None] | None = None,
                  on_ready: Callable[[H2Mux], None] | None = None, on_lost: Callable[[H2Mux, Exception | None], None] | None = None) -> None:
-        cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8")
+        # The headers we send are our own CONNECT requests/responses: skip h2's outbound checks
+        # (a large share of its per-stream cost); what the peer sends is still validated.
+        cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
+                                        validate_outbound_headers=False, normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(cfg)
         self.client = client
         self.transport: asyncio.Transport | None = None

@@ -113,8 +113,10 @@ class NodeProxy:
         Call before start(). Returns the bound tunnel address."""
         from dataclasses import replace
 
+        from nodemesh.agent.identity_metrics import IdentityCollector
         from nodemesh.agent.tunnel import MeshTls, TunnelPool, TunnelServer, default_tunnel_addr
 
+        self.metrics.registry.register(IdentityCollector(identity))
         tls = MeshTls(identity)
         self.tunnels = TunnelPool(identity, tls, tunnel_addr or default_tunnel_addr)
         self._ctx = replace(self._ctx, tunnels=self.tunnels)

@@ -111,7 +111,28 @@ class _Flow:
             await self.writable.wait()
 
 
-class _ServerConn(asyncio.Protocol):
+class _FlowProtocol(asyncio.Protocol):
+    """Write backpressure and connection loss for a protocol that owns a `_Flow` (server or client)."""
+
+    flow: _Flow
+
+    def pause_writing(self) -> None:
+        self.flow.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.flow.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.closed = True
+        self.flow.writable.set()
+        self.flow.wake()
+        self._lost()
+
+    def _lost(self) -> None:
+        """What else this side stops when the connection is gone."""
+
+
+class _ServerConn(_FlowProtocol):
     def __init__(self, ident: Identity, behaviour: Behaviour) -> None:
         self.ident = ident
         self.behaviour = behaviour
@@ -158,16 +179,7 @@ class _ServerConn(asyncio.Protocol):
                 self.flow.wake()
         self.flow.flush()
 
-    def pause_writing(self) -> None:
-        self.flow.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.flow.writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.flow.closed = True
-        self.flow.writable.set()
-        self.flow.wake()
+    def _lost(self) -> None:
         for t in list(self.tasks):
             t.cancel()
 
@@ -283,7 +295,7 @@ class _Stream:
         self.reset: int | None = None
 
 
-class H2Client(asyncio.Protocol):
+class H2Client(_FlowProtocol):
     """One client connection; `call` may run concurrently (one stream each)."""
 
     def __init__(self) -> None:
@@ -343,16 +355,7 @@ class H2Client(asyncio.Protocol):
                 self.flow.wake()
         self.flow.flush()
 
-    def pause_writing(self) -> None:
-        self.flow.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.flow.writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.flow.closed = True
-        self.flow.writable.set()
-        self.flow.wake()
+    def _lost(self) -> None:
         self._fail_all()
         if not self.lost.done():
             self.lost.set_result(None)

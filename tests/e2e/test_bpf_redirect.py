@@ -1,15 +1,16 @@
 """connect4 + sock_ops redirect on a real topology: a cgroup v2 node subtree and a pod netns.
 
-Topology (built and torn down by the `topo` fixture, all names prefixed nmt-bpf):
+Topology (built and torn down by the `topo` fixture, all names prefixed nmt<instance>-bpf; shown
+for instance 0, whose subnet is 10.254.60.0/24):
 
-    <cg2>/nmt-bpf/node            <- RedirectPrograms attaches here
-    <cg2>/nmt-bpf/node/pod        <- client processes (also in netns nmt-bpf-pod)
-    <cg2>/nmt-bpf/node/proxy      <- exempt cgroup (its clients must not be redirected)
-    netns nmt-bpf-pod: nmt-bpf-p 10.254.77.2/24  <-veth->  nmt-bpf-h 10.254.77.1/24 (root netns)
+    <cg2>/nmt0-bpf/node            <- RedirectPrograms attaches here
+    <cg2>/nmt0-bpf/node/pod        <- client processes (also in netns nmt0-bpf-pod)
+    <cg2>/nmt0-bpf/node/proxy      <- exempt cgroup (its clients must not be redirected)
+    netns nmt0-bpf-pod: nmt0-bpf-p 10.254.60.2/24  <-veth->  nmt0-bpf-h 10.254.60.1/24 (root netns)
 
 The "proxy" and a plain "backend" listener run in this test process, in the root netns and
 outside the node cgroup, so they are never redirected themselves. Traffic only goes to
-10.254.77.0/24, which exists only on the veth pair created here.
+10.254.60.0/24, which exists only on the veth pair created here.
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ import pytest
 
 from nodemesh.agent.bpf_loader import CGROUP_PROGRAMS
 from nodemesh.cgroups import cgroup2_mount
+from nodemesh.lab.topology import INSTANCE
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds netns, veth, cgroups and loads BPF"),
 ]
 
-PREFIX = "nmt-bpf"
-NETNS = "nmt-bpf-pod"
-VETH_HOST, VETH_POD = "nmt-bpf-h", "nmt-bpf-p"
-HOST_IP, POD_IP = "10.254.77.1", "10.254.77.2"
-GHOST_IP = "10.254.77.99"  # on the pod's subnet, owned by nobody: only a redirect can answer
+# Per lab instance, so suites of parallel instances never share a cgroup, netns or subnet.
+PREFIX = f"nmt{INSTANCE}-bpf"
+NETNS = f"{PREFIX}-pod"
+VETH_HOST, VETH_POD = f"{PREFIX}-h", f"{PREFIX}-p"
+NET = f"10.254.{60 + INSTANCE}"
+HOST_IP, POD_IP = f"{NET}.1", f"{NET}.2"
+GHOST_IP = f"{NET}.99"  # on the pod's subnet, owned by nobody: only a redirect can answer
+OTHER_IP = f"{NET}.100"
 
 # Runs inside the pod netns + a node child cgroup. Opens every target concurrently, sends the
 # target it dialled, expects the listener's one-line answer. Prints one JSON list of results.
@@ -137,7 +142,7 @@ class Listener:
 
 
 def _cleanup_topology(base_cg: str) -> None:
-    """Remove everything named nmt-bpf*; safe to call on a partial or absent topology."""
+    """Remove everything named PREFIX*; safe to call on a partial or absent topology."""
     from pyroute2 import IPRoute, netns
 
     # Kill stragglers, then remove cgroups leaves first (rmdir needs them empty).
@@ -325,8 +330,8 @@ def test_exempt_cgroup_is_not_redirected(topo, progs, proxy, backend) -> None:
 
 
 def test_concurrent_connects_all_recover_their_original_dst(topo, progs, proxy) -> None:
-    progs.set_meshed([(GHOST_IP, 0), ("10.254.77.100", 7000)])
-    targets = [(GHOST_IP, 10000 + i) for i in range(150)] + [("10.254.77.100", 7000)] * 50
+    progs.set_meshed([(GHOST_IP, 0), (OTHER_IP, 7000)])
+    targets = [(GHOST_IP, 10000 + i) for i in range(150)] + [(OTHER_IP, 7000)] * 50
     results = run_client(topo.pod_cg, targets)
     failures = [r for r in results if r.get("answer") != "proxy"]
     assert not failures, failures[:5]

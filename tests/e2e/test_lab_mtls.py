@@ -18,6 +18,7 @@ from nodemesh.agent.identity import make_csr, new_key
 from nodemesh.lab import lab, lab_ca
 from nodemesh.lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
 from nodemesh.nodeconfig import CONTROLLER_ADMIN_PORT, CONTROLLER_PORT, TUNNEL_PORT
+from nodemesh.scrape import total
 
 from .capture import Capture
 from .labtools import cli, client_summary, eventually, leftovers, metrics, pod_exec, requires_root
@@ -78,6 +79,9 @@ def test_certificates_per_node_are_node_scoped(mtls_lab: None) -> None:
     assert "spiffe://cluster.local/ns/demo/sa/hello" in held["node1"] & held["node2"]
     table = cli("identity")
     assert table.returncode == 0 and "NOT-AFTER" in table.stdout and CLIENT_ID in table.stdout
+    # and in /metrics, for alerts before expiry: only where the certificate is held
+    assert total(metrics("node1"), "identity_cert_expiration_timestamp_seconds", {"identity": CLIENT_ID}) > time.time()
+    assert total(metrics("node2"), "identity_cert_expiration_timestamp_seconds", {"identity": CLIENT_ID}) == 0
 
 
 def test_underlay_carries_tls_only_and_inbound_metrics_have_client_identity(mtls_lab: None) -> None:

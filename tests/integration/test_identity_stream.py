@@ -243,3 +243,31 @@ def test_issuer_rotation_reissues_the_controller_cert_and_new_leaves_use_new_iss
             await a.stop()
             await ctl.server.close()
     run(main(), timeout=15)
+
+
+def test_certificates_expiry_and_renewals_are_exposed_as_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from nodemesh.agent.identity_metrics import IdentityCollector
+    from nodemesh.scrape import total
+
+    async def main():
+        ctl = Controller(lifetime=2)  # renewed at 70%: a second chain within ~1.4 s
+        await ctl.start()
+        a = Agent(ctl)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(IdentityCollector(a.identity))
+        try:
+            await until(lambda: (c := a.identity.credential(WEB)) is not None and c.generation >= 2)
+            text = generate_latest(registry).decode()
+            cred = a.identity.store.creds[WEB]
+            series = {"identity": WEB}
+            assert total(text, "identity_cert_expiration_timestamp_seconds", series) == pytest.approx(cred.not_after)
+            assert total(text, "nodemesh_identity_cert_refresh_total", series) == cred.generation
+            assert total(text, "identity_cert_expiration_timestamp_seconds", {"identity": a.identity.node_identity}) > 0
+            assert total(text, "nodemesh_identity_trust_bundle_generation", {}) == 1
+            assert total(text, "nodemesh_identity_csr_refused_total", {}) == 0
+        finally:
+            await a.stop()
+            await ctl.server.close()
+    run(main())
