@@ -19,6 +19,7 @@ from nodemesh.policy_model import check_default_policy
 from nodemesh.controller.admin import serve_controller_admin
 from nodemesh.controller.agent_auth import AgentAuthenticator, StaticTokens, TokenReviewAuthenticator
 from nodemesh.controller.ca import DEFAULT_LEAF_LIFETIME, CaError, CertificateAuthority, load_ca_dir
+from nodemesh.controller.ca_watch import DEFAULT_INTERVAL, watch_ca_dir
 from nodemesh.controller.config_store import ConfigStore
 from nodemesh.controller.identity_service import IdentityService
 from nodemesh.controller.file_source import DirSource
@@ -44,12 +45,13 @@ class ControllerOptions:
     agent_auth: str = "tokens"
     token_audience: str = "nodemesh-controller"
     agent_service_account: str = "nodemesh/nodemesh-agent"
+    ca_reload_interval: float = DEFAULT_INTERVAL  # seconds between checks of ca_dir (0: SIGHUP only)
 
 
 async def serve(opts: ControllerOptions) -> None:
     """Runs the controller until SIGTERM/SIGINT (or until cancelled), then shuts down cleanly.
-    With `ca_dir` the controller is the mesh CA and the config stream is mTLS (SIGHUP re-reads
-    the issuer and trust bundle from `ca_dir`: issuer rotation). Agents are authenticated by the
+    With `ca_dir` the controller is the mesh CA and the config stream is mTLS (a change of the
+    files in `ca_dir`, or SIGHUP, re-reads the issuer and trust bundle: issuer rotation). Agents are authenticated by the
     static tokens in `tokens_file` (agent_auth "tokens") or by TokenReview ("tokenreview")."""
     state_dir, listen, admin, ca_dir, source_kind = opts.state_dir, opts.listen, opts.admin, opts.ca_dir, opts.source_kind
     store = ConfigStore(default_policy=check_default_policy(opts.default_policy, "--default-inbound-policy"))
@@ -76,6 +78,10 @@ async def serve(opts: ControllerOptions) -> None:
     try:
         await stream.start(*listen, ssl=identity.server_context() if identity is not None else None)
         watch = asyncio.create_task(source.run(), name="file-source")
+        ca_watch = None
+        if identity is not None and ca_dir is not None and opts.ca_reload_interval > 0:
+            ca_watch = asyncio.create_task(watch_ca_dir(ca_dir, lambda: _reload_ca(identity, ca_dir), opts.ca_reload_interval),
+                                           name="ca-watch")
         log.info("controller up: config stream on %s:%d, admin on %s:%d, state from %s, agents authenticated by %s",
                  listen[0], stream.port, admin[0], admin_server.sockets[0].getsockname()[1],
                  state_dir if source_kind == "files" else "the Kubernetes API", opts.agent_auth)
@@ -83,9 +89,11 @@ async def serve(opts: ControllerOptions) -> None:
             await stop.wait()
             log.info("signal received; shutting down")
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            for task in (watch, ca_watch):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
     finally:
         await stream.close()
         admin_server.close()
@@ -127,7 +135,8 @@ def _identity_service(ca_dir: str, trust_domain: str, leaf_lifetime: float | Non
 
 
 def _reload_ca(identity: IdentityService, ca_dir: str) -> None:
-    """SIGHUP: adopt the issuer/bundle on disk. A bad file is logged and the CA in force stays."""
+    """SIGHUP or a change in `ca_dir`: adopt the issuer/bundle on disk. A bad file is logged and the
+    CA in force stays."""
     try:
         anchors, issuer = load_ca_dir(ca_dir)
         if identity.reload(anchors, issuer):  # new handshakes and every agent get the new bundle

@@ -167,10 +167,13 @@ def controller() -> None:
 @click.option("--ca-dir", help="Be the mesh CA: directory with trust-anchor.pem, issuer.pem, issuer-key.pem (SIGHUP re-reads it). "
               "The config stream then runs over mTLS.")
 @click.option("--leaf-lifetime", type=float, help="Certificate lifetime in seconds [default: 86400].")
+@click.option("--ca-reload-interval", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between checks of --ca-dir for new files (a renewed issuer Secret); 0 = only on SIGHUP.")
 @friendly_errors
 def controller_run(state_dir: str | None, source_kind: str, kubeconfig: str | None, listen: tuple[str, int], admin: tuple[str, int],
                    agent_auth: str, tokens_file: str | None, token_audience: str, agent_service_account: str, trust_domain: str,
-                   log_level: str, default_policy: str, ca_dir: str | None, leaf_lifetime: float | None) -> None:
+                   log_level: str, default_policy: str, ca_dir: str | None, leaf_lifetime: float | None,
+                   ca_reload_interval: float) -> None:
     """Serve config to agents from the standalone source or the Kubernetes API."""
     from nodemesh.controller.main import ControllerOptions, run
 
@@ -178,7 +181,7 @@ def controller_run(state_dir: str | None, source_kind: str, kubeconfig: str | No
     run(ControllerOptions(state_dir=state_dir or "", listen=listen, admin=admin, tokens_file=tokens_file, trust_domain=trust_domain,
                           default_policy=default_policy, ca_dir=ca_dir, leaf_lifetime=leaf_lifetime, source_kind=source_kind,
                           kubeconfig=kubeconfig, agent_auth=agent_auth, token_audience=token_audience,
-                          agent_service_account=agent_service_account), log_level=log_level)
+                          agent_service_account=agent_service_account, ca_reload_interval=ca_reload_interval), log_level=log_level)
 
 
 def check_controller_options(source_kind: str, state_dir: str | None, agent_auth: str, tokens_file: str | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -353,5 +354,69 @@ def test_serve_end_to_end(tmp_path: Path):
         await agent.stop()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+    run(main())
+
+
+def _secret_volume(root: Path, files: dict[str, bytes], generation: int) -> None:
+    """Lay out `files` the way the kubelet projects a Secret: real files in a timestamped dir,
+    `..data` a symlink to it (swapped atomically), each key a symlink through `..data`."""
+    data = root / f"..{generation}"
+    data.mkdir()
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    tmp = root / "..data_tmp"
+    os.symlink(data.name, tmp)
+    os.replace(tmp, root / "..data")
+    for name in files:
+        if not (root / name).is_symlink():
+            os.symlink(f"..data/{name}", root / name)
+
+
+def test_controller_adopts_a_renewed_issuer_secret_without_sighup(tmp_path: Path):
+    from nodemesh.controller.ca import ANCHOR_FILE, ISSUER_FILE, ISSUER_KEY_FILE, new_issuer, new_trust_anchor, to_pem
+    from nodemesh.scrape import total
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    anchor = new_trust_anchor("example.org")
+
+    def issuer_files() -> dict[str, bytes]:
+        issuer = new_issuer(anchor, "example.org")
+        return {ANCHOR_FILE: to_pem([anchor.cert]).encode(), ISSUER_FILE: issuer.cert_pem(), ISSUER_KEY_FILE: issuer.key_pem()}
+
+    secret = tmp_path / "issuer"
+    secret.mkdir()
+    _secret_volume(secret, issuer_files(), 1)
+    sport, aport = free_port(), free_port()
+
+    async def rotations() -> float:
+        response = await http(aport, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        return total(response.partition(b"\r\n\r\n")[2].decode(), "nodemesh_controller_issuer_rotations_total")
+
+    async def main() -> None:
+        opts = ControllerOptions(str(state_dir), ("127.0.0.1", sport), ("127.0.0.1", aport), str(tokens), "example.org",
+                                 ca_dir=str(secret), ca_reload_interval=0.05)
+        task = asyncio.ensure_future(serve(opts))
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError):
+                    if await rotations() == 0:
+                        break
+                await asyncio.sleep(0.05)
+            assert await rotations() == 0
+            await asyncio.sleep(0.3)
+            assert await rotations() == 0  # nothing changed: nothing reloaded
+            _secret_volume(secret, issuer_files(), 2)  # the kubelet projects the renewed Secret
+            for _ in range(100):
+                if await rotations() == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert await rotations() == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     run(main())
