@@ -1,18 +1,25 @@
 """Load, attach, configure and detach the node's redirect programs.
 
-This is the only Python that touches BPF map file descriptors (STYLE.md). It compiles
-bpf/connect.c, sockops.c, getpeername.c and redirect.c as ONE bcc module so all programs share
-the maps declared in bpf/include/maps.h, attaches the cgroup programs (sock_ops, getpeername4,
-connect4) to a node's cgroup v2 directory and the sk_msg shortcut to the sockhash, and answers
-the node proxy's "where was this accepted connection really going?" question.
+This module and agent/bpf_maps.py (the bpf(2) syscall, no bcc) are the only Python that touches
+BPF map file descriptors (STYLE.md). It compiles bpf/connect.c, sockops.c, getpeername.c,
+redirect.c and splice.c as ONE bcc module so all programs share the maps declared in
+bpf/include/maps.h, attaches the cgroup programs (sock_ops, getpeername4, connect4) to a node's
+cgroup v2 directory and the sk_msg / sk_skb verdicts to their sockhash maps, and answers the node
+proxy's "where was this accepted connection really going?" question. Every map access at run
+time goes through agent/bpf_maps.BpfMap, whoever compiled the programs.
 
 Two lifetimes:
-- ``pin_dir`` unset (tests of the bare loader): ``close()`` detaches everything.
-- ``pin_dir`` set (the agent): maps live pinned in ``<pin_dir>/maps``, programs in
-  ``<pin_dir>/progs``; ``close()`` only lets go, so redirection survives an agent restart (the
-  attachments are legacy cgroup attachments, which outlive the process; a dead proxy means
-  connects are refused at once). The next ``load()`` adopts the pinned maps and replaces the
-  programs. ``agent.bpf_pins.uninstall`` removes attachments and pins.
+- ``pin_dir`` unset (tests of the bare loader): bcc compiles and attaches in this process,
+  BpfMaps wrap bcc's map fds, and ``close()`` detaches everything.
+- ``pin_dir`` set (the agent): compiling, loading, attaching and pinning run in a short-lived
+  child process (agent/bpf_child.py, which does the unpinned-style load with pins, then exits);
+  this process then opens the pinned maps by path and never imports bcc, so libbcc/libLLVM/libclang
+  (~80 MiB of PSS) never enter the node proxy. Maps live pinned in ``<pin_dir>/maps``, programs in
+  ``<pin_dir>/progs``; the cgroup attachments are legacy attachments held by the cgroup and the
+  sk_msg/sk_skb attachments are held by their (pinned) sockhash, so both outlive the child and
+  any agent; ``close()`` only lets go. A dead proxy means connects are refused at once. The next
+  ``load()`` adopts the pinned maps and replaces the programs. ``agent.bpf_pins.uninstall``
+  removes attachments and pins.
 
 Byte orders (checked by tests/e2e/test_bpf_redirect.py): map addresses are network order;
 ports are network order except the client port in ``orig_dst_by_tuple``'s key (host order,
@@ -35,6 +42,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from nodemesh.agent.bpf_maps import BpfMap, obj_pin
+from nodemesh.agent.bpf_pins import detach_all
 from nodemesh.cgroups import cgroup_id, on_cgroup2
 from nodemesh.errors import NodemeshError, PreflightError
 
@@ -64,6 +73,20 @@ SPLICE_HASH = "splice_hash"
 
 MESHED_CAPACITY = 16384  # max_entries of meshed_dsts in maps.h
 
+# The maps user space reads or writes, as bpf_maps struct formats (key, value) of bpf/include/maps.h.
+# nm_addr4 / nm_tuple_key = "=IHH" (ip4, port, _pad); nm_sock_key = "=IIII"; sockhash values = a socket fd.
+MAP_FORMATS: dict[str, tuple[str, str]] = {
+    "meshed_dsts": ("=IHH", "=I"),
+    "exempt_cgroups": ("=Q", "=I"),
+    "proxy_addr": ("=i", "=IHH"),
+    "nm_settings": ("=i", "=I"),
+    "orig_dst_by_tuple": ("=IHH", "=IHH"),
+    "splice_hash": ("=IIII", "=I"),
+    "splice_peer": ("=IIII", "=IIII"),
+    "splice_bytes": ("=IIII", "=Q"),
+    "nm_counters": ("=i", "=Q"),
+}
+
 _SETUP_HINT = "run `make setup`"
 
 
@@ -76,10 +99,6 @@ class SockKey(NamedTuple):
     dport: int
 
 
-class _SockKeyC(ctypes.Structure):
-    _fields_ = [("sip", ctypes.c_uint32), ("dip", ctypes.c_uint32), ("sport", ctypes.c_uint32), ("dport", ctypes.c_uint32)]
-
-
 class BpfUnavailable(PreflightError):
     """The redirect programs cannot be loaded here; the message says what is missing and the fix.
 
@@ -87,9 +106,16 @@ class BpfUnavailable(PreflightError):
     """
 
 
+_U32 = struct.Struct("=I")
+
+
 def _ip_net_u32(ip: str) -> int:
-    """An IPv4 address as the u32 whose in-memory bytes are network order (like user_ip4)."""
-    return struct.unpack("=I", socket.inet_aton(str(ipaddress.IPv4Address(ip))))[0]
+    """An IPv4 address as the u32 whose in-memory bytes are network order (like user_ip4).
+    inet_pton: strict dotted quad, and ~10x cheaper than ipaddress on the per-connection path."""
+    try:
+        return int(_U32.unpack(socket.inet_pton(socket.AF_INET, ip))[0])
+    except (OSError, TypeError):
+        raise ValueError(f"{ip!r} is not an IPv4 address") from None
 
 
 def _ip_from_net_u32(value: int) -> str:
@@ -238,7 +264,8 @@ class RedirectPrograms:
         self.pin_dir = pin_dir or None
         self.shortcut = shortcut
         self.splice_allowed = splice  # same-node kernel splice on (nm_settings[1]; see set_splice)
-        self._bpf: Any = None  # bcc.BPF once loaded
+        self._bpf: Any = None  # bcc.BPF while this process holds the compiled module (load_here)
+        self._maps: dict[str, BpfMap] = {}  # MAP_FORMATS names, open once loaded
         self._cgroup_fd: int | None = None
         self._attached: list[tuple[Any, int]] = []  # (BPF.Function, attach type), in attach order
         self.adopted_maps: list[str] = []  # pinned maps a previous agent left and this one reuses
@@ -248,9 +275,34 @@ class RedirectPrograms:
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Compile, load, configure and attach both programs; BpfUnavailable says why not."""
-        if self._bpf is not None:
+        """Load, configure and attach the programs; BpfUnavailable says why not.
+
+        Pinned: in a child process (agent/bpf_child.py), then the pinned maps are opened here, so
+        this process never imports bcc. Unpinned: in this process (``load_here``)."""
+        if self._maps or self._bpf is not None:
             raise RuntimeError("RedirectPrograms.load() called twice")
+        self._preflight()
+        if not self.pin_dir:
+            self.load_here()
+            return
+        from nodemesh.agent import bpf_child  # lazy: it imports this module
+
+        loaded = bpf_child.load_pinned(self)
+        self.adopted_maps, self.splice_ready = loaded.adopted_maps, loaded.splice_ready
+        maps_dir = os.path.join(self.pin_dir, "maps")
+        try:
+            for name, (key, value) in MAP_FORMATS.items():
+                self._maps[name] = BpfMap.pinned(os.path.join(maps_dir, name), key, value)
+        except (OSError, NodemeshError) as exc:
+            self._teardown(raise_errors=False)
+            with contextlib.suppress(NodemeshError):
+                detach_all(self.cgroup_path)  # the child attached them: nothing may redirect to a proxy without maps
+            raise BpfUnavailable(f"cannot open the pinned BPF maps in {maps_dir} the loader left: {exc}") from exc
+        # (the child's "redirect programs attached" line was logged by load_pinned)
+
+    def load_here(self) -> None:
+        """Compile, load, configure and attach (and pin, with ``pin_dir``) in THIS process, with
+        bcc. The agent does this only in its short-lived loader child."""
         self._preflight()
         try:
             from bcc import BPF, BPFAttachType  # lazy: the agent package imports without bcc
@@ -266,6 +318,8 @@ class RedirectPrograms:
 
         self._bpf = b
         try:
+            for name, (key, value) in MAP_FORMATS.items():
+                self._maps[name] = BpfMap.from_fd(self._table_fd(name), key, value, name=name)
             self._cgroup_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
             progs = []
             for name, prog_type, attach_name in CGROUP_PROGRAMS:
@@ -277,9 +331,8 @@ class RedirectPrograms:
             # Configure before attaching, so the very first connect already sees the proxy
             # address and the proxy's exemption (otherwise the proxy could redirect to itself).
             self._fill_config()
-            sockhash_fd = self._sockhash_fd()
             if redirect is not None:
-                BPF.attach_func(redirect, sockhash_fd, BPFAttachType.SK_MSG_VERDICT)
+                BPF.attach_func(redirect, self._table_fd(SOCKHASH), BPFAttachType.SK_MSG_VERDICT)
             elif self.pin_dir:
                 _detach_pinned_shortcut(self.pin_dir)  # a previous agent's, with the shortcut on
             for fn, attach_type in progs:
@@ -305,6 +358,9 @@ class RedirectPrograms:
             raise BpfUnavailable(
                 f"cannot load or attach the redirect programs on {self.cgroup_path}: {exc}"
             ) from exc
+        self._log_loaded()
+
+    def _log_loaded(self) -> None:
         log.info(
             "redirect programs attached to %s, proxy %s:%d, %d exempt cgroup(s), shortcut %s, %s",
             self.cgroup_path, self.proxy_ip, self.proxy_port, len(self.exempt_cgroup_paths),
@@ -348,10 +404,11 @@ class RedirectPrograms:
                 f"check the kernel headers and bcc install, or {_SETUP_HINT}"
             ) from exc
 
-    def _sockhash_fd(self, name: str = SOCKHASH) -> int:
+    def _table_fd(self, name: str) -> int:
+        """bcc's fd of a map of the compiled module (b["sock_hash"] fails: type 18 is unknown to bcc)."""
         from bcc.libbcc import lib
 
-        fd = int(lib.bpf_table_fd(self._bpf.module, name.encode()))  # b["sock_hash"] fails: type 18
+        fd = int(lib.bpf_table_fd(self._bpf.module, name.encode()))
         if fd < 0:
             raise BpfUnavailable(f"the {name} map is missing from the compiled module")
         return fd
@@ -361,7 +418,7 @@ class RedirectPrograms:
         relayed in user space as before (logged once), never a reason to leave BPF mode."""
         try:
             fn = _load_func(self._bpf, SPLICE_PROGRAM, bpf_cls.SK_SKB)
-            bpf_cls.attach_func(fn, self._sockhash_fd(SPLICE_HASH), attach_types.SK_SKB_STREAM_VERDICT)
+            bpf_cls.attach_func(fn, self._table_fd(SPLICE_HASH), attach_types.SK_SKB_STREAM_VERDICT)
         except Exception as exc:
             log.warning("same-node kernel splice unavailable (%s); relaying those connections in user space", exc)
             return None
@@ -370,15 +427,12 @@ class RedirectPrograms:
 
     def _pin_programs(self, fns: Sequence[Any]) -> None:
         """Pin each program as <pin_dir>/progs/<name>, replacing a previous agent's pin."""
-        from bcc.libbcc import lib
-
         assert self.pin_dir
         for fn in fns:
             path = os.path.join(self.pin_dir, "progs", fn.name.decode())
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            if lib.bpf_obj_pin(fn.fd, path.encode()) != 0:
-                raise OSError(ctypes.get_errno(), f"cannot pin {fn.name.decode()} at {path}")
+            obj_pin(fn.fd, path)  # OSError names the path and the errno
 
     def close(self) -> None:
         """Let go of the programs. Unpinned: detach from the cgroup first. Idempotent."""
@@ -401,7 +455,7 @@ class RedirectPrograms:
         New entries are added before stale ones are removed, so a destination present in both
         the old and the new set is never briefly un-meshed.
         """
-        table = self._table("meshed_dsts")
+        table = self._map("meshed_dsts")
         wanted: set[tuple[int, int]] = set()
         for ip, port in dsts:
             wanted.add((_ip_net_u32(ip), socket.htons(_check_port(port, allow_zero=True))))
@@ -414,42 +468,31 @@ class RedirectPrograms:
                       "(counted as nodemesh_bpf_meshed_dsts_dropped_total)", len(wanted), MESHED_CAPACITY, self.meshed_dropped)
             wanted = set(keep)
 
-        present = {(k.ip4, k.port) for k in table.keys()}
+        present = {(ip4, port) for ip4, port, _pad in table.keys()}
         stale = present - wanted
         if len(present | wanted) > MESHED_CAPACITY:
             # Adding first would overflow the map: drop stale entries first instead.
             self._delete_meshed(table, stale)
             stale = set()
-        one = table.Leaf(1)
         for ip4, port in wanted - present:
-            table[self._addr_key(table, ip4, port)] = one
+            table.put((ip4, port, 0), 1)
         self._delete_meshed(table, stale)
 
-    def _delete_meshed(self, table: Any, entries: Iterable[tuple[int, int]]) -> None:
+    @staticmethod
+    def _delete_meshed(table: BpfMap, entries: Iterable[tuple[int, int]]) -> None:
         for ip4, port in entries:
-            try:
-                del table[self._addr_key(table, ip4, port)]
-            except KeyError:
-                pass
+            table.delete((ip4, port, 0))
 
     # -- queries ---------------------------------------------------------------------------
 
     def lookup_original_dst(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
         """The original destination of a redirected connection, from the accepted socket's
         getpeername(); None if it was not redirected. The entry is consumed (deleted)."""
-        table = self._table("orig_dst_by_tuple")
-        key = table.Key()
-        key.ip4 = _ip_net_u32(peer_ip)
-        key.port = _check_port(peer_port, allow_zero=False)  # host order, as sock_ops stored it
-        key._pad = 0
-        leaf = table.get(key)
+        # port: host order, as sock_ops stored it
+        leaf = self._map("orig_dst_by_tuple").pop((_ip_net_u32(peer_ip), _check_port(peer_port, allow_zero=False), 0))
         if leaf is None:
             return None
-        try:
-            del table[key]
-        except KeyError:
-            pass  # already evicted by the LRU; the value we read is still right
-        return _ip_from_net_u32(leaf.ip4), socket.ntohs(leaf.port)
+        return _ip_from_net_u32(leaf[0]), socket.ntohs(leaf[1])
 
     # -- same-node kernel splice ------------------------------------------------------------
 
@@ -478,70 +521,56 @@ class RedirectPrograms:
         if not self.splice_ready:
             raise RuntimeError("the splice verdict is not attached")
         ka, kb = self.sock_key(a), self.sock_key(b)
-        peers = self._table("splice_peer")
-        peers[peers.Key(*ka)] = peers.Leaf(*kb)
-        peers[peers.Key(*kb)] = peers.Leaf(*ka)
+        peers = self._map("splice_peer")
+        peers.put(ka, kb)
+        peers.put(kb, ka)
         return ka, kb
 
     def splice_commit(self, a: socket.socket, b: socket.socket) -> None:
         """Step 2: put both sockets into splice_hash; SO_RCVLOWAT wakes the verdict for data that
         arrived before (tcp_set_rcvlowat calls sk_data_ready), so nothing waits for a next packet."""
-        from bcc.libbcc import lib
-
-        fd = self._sockhash_fd(SPLICE_HASH)
+        hash_map = self._map(SPLICE_HASH)
         for sock in (a, b):
-            ckey = _SockKeyC(*self.sock_key(sock))
-            value = ctypes.c_int(sock.fileno())
-            if lib.bpf_update_elem(ctypes.c_int(fd), ctypes.byref(ckey), ctypes.byref(value), ctypes.c_ulonglong(0)) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"cannot add a socket to {SPLICE_HASH}: {os.strerror(err)}")
+            hash_map.put(self.sock_key(sock), sock.fileno())  # OSError names the map and the errno
         for sock in (a, b):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def shortcut_enabled(self) -> bool:
         """nm_settings[0]: whether sock_ops puts new pod<->proxy sockets into sock_hash."""
-        table = self._table("nm_settings")
-        return bool(table[table.Key(0)].value)
+        return bool(self._map("nm_settings").get(0))
 
     def splice_bytes(self, key: SockKey) -> int:
         """Bytes the verdict forwarded from the socket `key` to its partner so far."""
-        table = self._table("splice_bytes")
-        leaf = table.get(table.Key(*key))
-        return int(leaf.value) if leaf is not None else 0
+        return int(self._map("splice_bytes").get(key) or 0)
 
     def unsplice(self, keys: Iterable[SockKey]) -> None:
         """Forget a spliced pair (its sockets leave splice_hash when they close)."""
+        keys = list(keys)
         for name in ("splice_peer", "splice_bytes"):
-            table = self._table(name)
+            table = self._map(name)
             for key in keys:
-                try:
-                    del table[table.Key(*key)]
-                except KeyError:
-                    pass
+                table.delete(key)
 
     def counters(self) -> dict[str, int]:
         """Totals over all CPUs of the per-program counters (COUNTER_NAMES)."""
-        table = self._table("nm_counters")
-        counts = {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
+        table = self._map("nm_counters")
+        counts = {name: sum(table.get(i) or ()) for i, name in enumerate(COUNTER_NAMES)}
         counts["meshed_dsts_dropped"] = self.meshed_dropped  # user space: destinations the map could not hold
         return counts
 
     def set_splice(self, enabled: bool) -> None:
         """Whether the agent splices new same-node L4 connections (pinned nm_settings[1], so a
         bench can switch it at run time with bpftool; read by agent/splice.py per connection)."""
-        table = self._table("nm_settings")
-        table[table.Key(1)] = table.Leaf(1 if enabled else 0)
+        self._map("nm_settings").put(1, 1 if enabled else 0)
 
     def splice_enabled(self) -> bool:
-        table = self._table("nm_settings")
-        return self.splice_ready and bool(table[table.Key(1)].value)
+        return self.splice_ready and bool(self._map("nm_settings").get(1))
 
     def set_shortcut(self, enabled: bool) -> None:
         """Whether sock_ops adds new pod<->proxy sockets to sock_hash (connections already in it
         keep their shortcut until they close). Without the sk_msg program attached (loaded with
         shortcut=False) sockets in sock_hash just take the TCP path."""
-        table = self._table("nm_settings")
-        table[table.Key(0)] = table.Leaf(1 if enabled else 0)
+        self._map("nm_settings").put(0, 1 if enabled else 0)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -560,34 +589,26 @@ class RedirectPrograms:
                 )
 
     def _fill_config(self) -> None:
-        proxy = self._table("proxy_addr")
-        leaf = proxy.Leaf()
-        leaf.ip4 = _ip_net_u32(self.proxy_ip)
-        leaf.port = socket.htons(self.proxy_port)
-        leaf._pad = 0
-        proxy[proxy.Key(0)] = leaf
-
-        exempt = self._table("exempt_cgroups")
+        self._map("proxy_addr").put(0, (_ip_net_u32(self.proxy_ip), socket.htons(self.proxy_port), 0))
+        exempt = self._map("exempt_cgroups")
         exempt.clear()  # adopted pins may hold a previous agent's cgroup ids
         for path in self.exempt_cgroup_paths:
-            exempt[exempt.Key(cgroup_id(path))] = exempt.Leaf(1)
+            exempt.put(cgroup_id(path), 1)
         self.set_shortcut(self.shortcut)
         self.set_splice(self.splice_allowed)
 
-    @staticmethod
-    def _addr_key(table: Any, ip4: int, port: int) -> Any:
-        key = table.Key()
-        key.ip4, key.port, key._pad = ip4, port, 0
-        return key
-
-    def _table(self, name: str) -> Any:
-        if self._bpf is None:
-            raise RuntimeError("RedirectPrograms is not loaded: call load() first")
-        return self._bpf[name.encode()]  # bcc wants bytes names
+    def _map(self, name: str) -> BpfMap:
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise RuntimeError("RedirectPrograms is not loaded: call load() first") from None
 
     def _teardown(self, *, raise_errors: bool) -> None:
         errors: list[str] = []
         b, self._bpf = self._bpf, None
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            m.close()
         # Reverse attach order: connect4 goes first, so no connection is redirected without
         # sock_ops re-keying its original destination.
         while self._attached:

@@ -8,7 +8,7 @@ Layout of one node's pin directory (``/sys/fs/bpf/nodemesh/<node>`` in a cluster
 
 The cgroup attachments themselves are legacy attachments held by the cgroup, not by a pin; they
 are found with ``bpftool cgroup show``/``tree`` and matched to our programs by name (``nm_``).
-Only bpf_loader.py reads or writes map *contents* from the agent; this module runs bpftool, as an
+Only bpf_loader.py (through bpf_maps.py) reads or writes map *contents* from the agent; this module runs bpftool, as an
 operator would, for ``nodemesh agent uninstall``, ``nodemesh lab down`` and ``nodemesh bpf status``.
 """
 

@@ -75,7 +75,8 @@ def _identity(cfg: AgentConfig, token: Callable[[], str]) -> Any:
 
 async def serve(cfg: AgentConfig) -> None:
     """Run the agent until SIGTERM/SIGINT. Raises AgentStartError / AgentFailed (NodemeshError)."""
-    # Imported here: the loader pulls in bcc, which a bpf=False run (and import-time tests) must not need.
+    # Imported here: a bpf=False run (and import-time tests) need none of it. The agent itself never
+    # imports bcc: with a pin dir the loader compiles in a child process (agent/bpf_child.py).
     from nodemesh.admin_http import serve_admin
     from nodemesh.agent.stream_client import ConfigStream
 

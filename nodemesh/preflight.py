@@ -6,7 +6,6 @@ PreflightError with all of them so a user fixes everything in one go.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib.util
 import os
@@ -16,10 +15,6 @@ from nodemesh.cgroups import cgroup2_mount
 from nodemesh.errors import PreflightError
 
 Check = Callable[[], "str | None"]
-
-_SYS_BPF = 321  # x86_64
-_BPF_MAP_CREATE = 0
-_BPF_MAP_TYPE_ARRAY = 2
 
 
 def check_root(euid: int | None = None) -> str | None:
@@ -53,13 +48,12 @@ def check_bcc(find_spec: Callable[[str], object] = importlib.util.find_spec) -> 
 
 def bpf_syscall_errno() -> int:
     """Creates and closes a 1-entry array map; returns 0 or the errno of the bpf() syscall."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = (ctypes.c_uint32 * 30)()
-    attr[0], attr[1], attr[2], attr[3] = _BPF_MAP_TYPE_ARRAY, 4, 4, 1
-    fd = libc.syscall(_SYS_BPF, _BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        return ctypes.get_errno()
-    os.close(fd)
+    from nodemesh.agent.bpf_maps import MAP_TYPE_ARRAY, create_map
+
+    try:
+        os.close(create_map(MAP_TYPE_ARRAY, 4, 4, 1))
+    except OSError as exc:
+        return exc.errno or errno.EINVAL
     return 0
 
 

@@ -2,8 +2,9 @@
  *
  * connect.c, sockops.c, getpeername.c and redirect.c are compiled as ONE bcc module
  * (agent/bpf_loader.py concatenates them), so every map below exists once and all programs
- * share it. Every map says who writes it and who reads it. The agent's bpf_loader.py is the
- * only user-space code that touches these maps (agent/bpf_pins.py only lists, detaches and
+ * share it. Every map says who writes it and who reads it. The agent's bpf_loader.py (through
+ * bpf_maps.py, the bpf() syscall; bpf_loader.MAP_FORMATS mirrors the key/value structs below) is
+ * the only user-space code that touches these maps (agent/bpf_pins.py only lists, detaches and
  * unlinks pins through bpftool).
  *
  * Pinning: the loader passes -DNM_PIN_DIR="<pin dir>/maps"; each map is then pinned there under

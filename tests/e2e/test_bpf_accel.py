@@ -271,7 +271,18 @@ def test_redirect_with_no_proxy_listening_is_refused_fast(topo) -> None:
         bpf_pins.uninstall(topo.node_cg, PIN_DIR)
 
 
-def test_rejected_program_is_named_with_the_verifier_message(topo, tmp_path, monkeypatch) -> None:
+# Makes a loader CHILD process (agent/bpf_child.py, a new interpreter) compile $NMT_BPF_SRC
+# instead of the installed sources: the pinned load's errors are tested across the process boundary.
+SITECUSTOMIZE = """
+import os
+if os.environ.get("NMT_BPF_SRC"):
+    from nodemesh.agent import bpf_loader
+    bpf_loader._bpf_source_dir = lambda: os.environ["NMT_BPF_SRC"]
+"""
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["in-process", "loader-child"])
+def test_rejected_program_is_named_with_the_verifier_message(topo, tmp_path, monkeypatch, pinned) -> None:
     from nodemesh.agent import bpf_loader
 
     src = tmp_path / "bpf"
@@ -291,11 +302,69 @@ def test_rejected_program_is_named_with_the_verifier_message(topo, tmp_path, mon
         "    return 1;\n}\n"
     )
     monkeypatch.setattr(bpf_loader, "_bpf_source_dir", lambda: str(src))
-    with pytest.raises(ProgramRejected) as info:
-        load(topo, 4140)
-    assert info.value.program == "nm_getpeername4"
-    assert "invalid mem access" in str(info.value) or "null" in str(info.value).lower(), str(info.value)
-    assert bpf_pins.attached_to(topo.node_cg) == []  # nothing half-attached
+    if pinned:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv("NMT_BPF_SRC", str(src))
+    try:
+        with pytest.raises(ProgramRejected) as info:
+            load(topo, 4140, pin_dir=PIN_DIR if pinned else None)
+        assert info.value.program == "nm_getpeername4"
+        assert "invalid mem access" in str(info.value) or "null" in str(info.value).lower(), str(info.value)
+        assert info.value.exit_code == 3  # a PreflightError, as the agent exits with it
+        assert bpf_pins.attached_to(topo.node_cg) == []  # nothing half-attached
+        assert not os.path.isdir(os.path.join(PIN_DIR, "progs")) or os.listdir(os.path.join(PIN_DIR, "progs")) == []
+    finally:
+        bpf_pins.uninstall(topo.node_cg, PIN_DIR)
+
+
+def test_pinned_maps_of_another_layout_are_refused_and_nothing_stays_attached(topo, monkeypatch) -> None:
+    """The child loads and attaches; if this process then cannot use the pinned maps (a version
+    skew between the agent and the loader), it says so and detaches: no redirect without maps."""
+    from nodemesh.agent import bpf_loader
+
+    monkeypatch.setitem(bpf_loader.MAP_FORMATS, "splice_bytes", ("=IIII", "=I"))  # 4-byte values; the map has 8
+    try:
+        with pytest.raises(bpf_loader.BpfUnavailable) as info:
+            load(topo, 4140, pin_dir=PIN_DIR)
+        assert "splice_bytes" in str(info.value) and "8-byte values" in str(info.value), str(info.value)
+        assert bpf_pins.attached_to(topo.node_cg) == []
+    finally:
+        bpf_pins.uninstall(topo.node_cg, PIN_DIR)
+
+
+def test_pinned_load_leaves_bcc_to_the_loader_child(topo, proxy_port) -> None:
+    """The pinned load compiles in a child: this process gains no libbcc/LLVM mapping (bcc's Python
+    module maps libbcc when imported) and yet reads and writes the maps; the sk_msg and sk_skb
+    verdicts stay attached to the pinned sockhash maps after the child exits."""
+    code = (
+        "import json, sys\n"
+        "from nodemesh.agent.bpf_loader import RedirectPrograms\n"
+        "*args, pin_dir = json.loads(sys.argv[1])\n"
+        "p = RedirectPrograms(*args, pin_dir=pin_dir)\n"
+        "p.load(); p.set_meshed([(sys.argv[2], 80)])\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(json.dumps({'bcc': 'bcc' in sys.modules, 'libs': sorted({l.split('/')[-1] for l in maps.splitlines() if 'libbcc' in l or 'LLVM' in l or 'clang' in l}),\n"
+        "                  'splice_ready': p.splice_ready, 'counters': p.counters()}))\n"
+        "p.close()\n"
+    )
+    args = json.dumps([topo.node_cg, HOST_IP, proxy_port, [topo.proxy_cg], PIN_DIR])
+    try:
+        out = subprocess.run([sys.executable, "-c", code, args, GHOST_IP], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["bcc"] is False and result["libs"] == [], result
+        assert result["splice_ready"] is True and "connect_redirected" in result["counters"]
+        # The loader child is gone; its verdicts are still attached to the pinned maps.
+        st = bpf_pins.node_status("node", PIN_DIR, COUNTER_NAMES)
+        attached = {p.name for p in st.programs if p.attached}
+        assert {"nm_redirect", "nm_splice"} <= attached, attached
+        assert client(topo, GHOST_IP, 80)["peer"] == [GHOST_IP, 80]  # set_meshed through the pinned map took effect
+        assert client(topo, GHOST_IP, 80, "hash", 1024 * 1024)["match"] is True  # over the sk_msg shortcut
+        assert bpf_pins.read_counters(PIN_DIR, COUNTER_NAMES)["shortcut_bytes"] >= 1024 * 1024
+    finally:
+        bpf_pins.uninstall(topo.node_cg, PIN_DIR)
 
 
 CONCURRENT_CLIENT = r"""

@@ -445,7 +445,7 @@ def test_full_meshed_map_is_counted_and_logged_not_a_crash(progs, caplog: pytest
         progs.set_meshed(vips + pods)
     assert progs.counters()["meshed_dsts_dropped"] == 1
     assert "exceed the meshed_dsts map" in caplog.text
-    keys = {(k.ip4, k.port) for k in progs._table("meshed_dsts").keys()}
+    keys = {(ip4, port) for ip4, port, _pad in progs._map("meshed_dsts").keys()}
     assert len(keys) == MESHED_CAPACITY
     progs.set_meshed(vips)  # back under the limit: nothing dropped
     assert progs.counters()["meshed_dsts_dropped"] == 0

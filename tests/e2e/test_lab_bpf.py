@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -114,6 +115,33 @@ def test_bpf_status_shows_programs_attached_per_node(running_lab: dict) -> None:
         assert all(attached.values()), attached
         meshed = next(m for m in n["maps"] if m["name"] == "meshed_dsts")
         assert meshed["entries"] >= 1
+
+
+BCC_LIBS = ("libbcc", "libLLVM", "libclang")  # what compiling with bcc maps into a process
+
+
+def bcc_mappings(maps_text: str) -> set[str]:
+    return {line.rsplit("/", 1)[-1] for line in maps_text.splitlines() if any(lib in line for lib in BCC_LIBS)}
+
+
+def test_agents_carry_no_bcc_or_llvm(running_lab: dict) -> None:
+    """The agents loaded and pinned their programs in a loader child: the node proxy processes map
+    no libbcc/libLLVM/libclang (importing bcc's Python module alone maps libbcc)."""
+    probe = subprocess.run([sys.executable, "-c", "import bcc; print(open('/proc/self/maps').read())"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    assert bcc_mappings(probe.stdout), "the check must see bcc where it is loaded"
+    state = LabState.load()
+    assert state is not None
+    agents = {k: int(p["pid"]) for k, p in state.processes.items() if p.get("role") == "agent"}
+    assert set(agents) == {"agent/node1", "agent/node2"}
+    for key, pid in agents.items():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"agent" in f.read(), key  # the agent itself, not a wrapper
+        with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+            assert bcc_mappings(f.read()) == set(), key
+    before = bpf_counters("node1")["connect_redirected"]
+    assert client_summary("client", HELLO_URL, 2)["ok"] == 2
+    assert bpf_counters("node1")["connect_redirected"] >= before + 2  # and they redirect
 
 
 def test_killed_agent_keeps_redirection_refuses_fast_and_is_restarted(running_lab: dict) -> None:
