@@ -20,7 +20,7 @@ from nodemesh.lab.topology import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY
 from nodemesh.nodeconfig import CONTROLLER_ADMIN_PORT, CONTROLLER_PORT, TUNNEL_PORT
 
 from .capture import Capture
-from .labtools import cli, client_summary, eventually, leftovers, metrics, pod_exec, requires_root
+from .labtools import cli, client_summary, eventually, fresh_lab, metrics, pod_exec, requires_root
 
 pytestmark = [pytest.mark.e2e, requires_root]
 
@@ -31,13 +31,8 @@ CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 @pytest.fixture(scope="module")
 def mtls_lab() -> Iterator[None]:
-    lab.down()
-    lab.up(leaf_lifetime=LEAF_LIFETIME)
-    try:
+    with fresh_lab(leaf_lifetime=LEAF_LIFETIME):
         yield
-    finally:
-        lab.down()
-        assert leftovers() == []
 
 
 def identities() -> dict[str, dict]:
