@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +39,48 @@ def leftovers() -> list[str]:
     if os.path.exists(BPF_PIN_ROOT):
         found.append(f"pinned {BPF_PIN_ROOT}")
     return found
+
+
+@contextlib.contextmanager
+def fresh_lab(**up_options: Any) -> Iterator[None]:
+    """A lab brought up from nothing (`lab.up(**up_options)`), then down with nothing of it left."""
+    lab.down()
+    lab.up(**up_options)
+    try:
+        yield
+    finally:
+        lab.down()
+        assert leftovers() == []
+
+
+def add_pod_netns(netns_name: str, veth_host: str, veth_pod: str, host_ip: str, pod_ip: str) -> None:
+    """A netns reached over a veth pair: `veth_pod` (pod_ip/24, up, with lo up) inside it and
+    `veth_host` (host_ip/24, up) in the root netns."""
+    from pyroute2 import IPRoute, NetNS, netns
+
+    netns.create(netns_name)
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=veth_host, kind="veth", peer={"ifname": veth_pod, "net_ns_fd": netns_name})
+        idx = ipr.link_lookup(ifname=veth_host)[0]
+        ipr.addr("add", index=idx, address=host_ip, prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+    with NetNS(netns_name) as ns:
+        idx = ns.link_lookup(ifname=veth_pod)[0]
+        ns.addr("add", index=idx, address=pod_ip, prefixlen=24)
+        ns.link("set", index=idx, state="up")
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def remove_pod_netns(netns_name: str, veth_host: str) -> None:
+    """Undoes add_pod_netns; safe on a partial or absent one."""
+    from pyroute2 import IPRoute, netns
+
+    # Delete the host veth explicitly: removing the netns destroys it only asynchronously.
+    with IPRoute() as ipr:
+        for idx in ipr.link_lookup(ifname=veth_host):
+            ipr.link("del", index=idx)
+    if netns_name in netns.listnetns():
+        netns.remove(netns_name)
 
 
 def pod_exec(pod: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:

@@ -30,6 +30,8 @@ from nodemesh.cgroups import cgroup2_mount
 from nodemesh.lab import cgroup_tree
 from nodemesh.lab.topology import INSTANCE
 
+from .labtools import add_pod_netns, remove_pod_netns
+
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds netns, veth, cgroups and loads BPF"),
@@ -106,8 +108,6 @@ class Topo:
 
 
 def _cleanup(base_cg: str) -> None:
-    from pyroute2 import IPRoute, netns
-
     cgroup_tree.kill(base_cg)
     for _ in range(50):
         try:
@@ -115,35 +115,19 @@ def _cleanup(base_cg: str) -> None:
             break
         except OSError:  # EBUSY while the killed processes are reaped
             time.sleep(0.05)
-    with IPRoute() as ipr:
-        for idx in ipr.link_lookup(ifname=VETH_HOST):
-            ipr.link("del", index=idx)
-    if NETNS in netns.listnetns():
-        netns.remove(NETNS)
+    remove_pod_netns(NETNS, VETH_HOST)
     subprocess.run(["rm", "-rf", os.path.dirname(PIN_DIR)], check=False)
 
 
 @pytest.fixture
 def topo() -> Iterator[Topo]:
-    from pyroute2 import IPRoute, NetNS, netns
-
     base = os.path.join(cgroup2_mount(), P)
     _cleanup(base)
     t = Topo(base, os.path.join(base, "node"), os.path.join(base, "node", "pod"), os.path.join(base, "node", "proxy"))
     try:
         os.makedirs(t.pod_cg)
         os.makedirs(t.proxy_cg)
-        netns.create(NETNS)
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=VETH_HOST, kind="veth", peer={"ifname": VETH_POD, "net_ns_fd": NETNS})
-            idx = ipr.link_lookup(ifname=VETH_HOST)[0]
-            ipr.addr("add", index=idx, address=HOST_IP, prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-        with NetNS(NETNS) as ns:
-            idx = ns.link_lookup(ifname=VETH_POD)[0]
-            ns.addr("add", index=idx, address=POD_IP, prefixlen=24)
-            ns.link("set", index=idx, state="up")
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        add_pod_netns(NETNS, VETH_HOST, VETH_POD, HOST_IP, POD_IP)
         yield t
     finally:
         _cleanup(base)

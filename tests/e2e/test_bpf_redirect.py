@@ -31,6 +31,8 @@ from nodemesh.agent.bpf_loader import CGROUP_PROGRAMS
 from nodemesh.cgroups import cgroup2_mount
 from nodemesh.lab.topology import INSTANCE
 
+from .labtools import add_pod_netns, remove_pod_netns
+
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds netns, veth, cgroups and loads BPF"),
@@ -143,8 +145,6 @@ class Listener:
 
 def _cleanup_topology(base_cg: str) -> None:
     """Remove everything named PREFIX*; safe to call on a partial or absent topology."""
-    from pyroute2 import IPRoute, netns
-
     # Kill stragglers, then remove cgroups leaves first (rmdir needs them empty).
     if os.path.isdir(base_cg):
         for root, _dirs, _files in os.walk(base_cg, topdown=False):
@@ -160,12 +160,7 @@ def _cleanup_topology(base_cg: str) -> None:
                     break
                 except OSError:
                     time.sleep(0.05)  # killed tasks leave the cgroup asynchronously
-    # Delete the host veth explicitly: removing the netns destroys it only asynchronously.
-    with IPRoute() as ipr:
-        for idx in ipr.link_lookup(ifname=VETH_HOST):
-            ipr.link("del", index=idx)
-    if NETNS in netns.listnetns():
-        netns.remove(NETNS)
+    remove_pod_netns(NETNS, VETH_HOST)
 
 
 def _leftovers(base_cg: str) -> list[str]:
@@ -180,8 +175,6 @@ def _leftovers(base_cg: str) -> list[str]:
 
 
 def _build_topology(base_cg: str) -> Topo:
-    from pyroute2 import IPRoute, NetNS, netns
-
     topo = Topo(
         node_cg=os.path.join(base_cg, "node"),
         pod_cg=os.path.join(base_cg, "node", "pod"),
@@ -190,17 +183,7 @@ def _build_topology(base_cg: str) -> Topo:
     )
     for path in (topo.pod_cg, topo.exempt_cg):
         os.makedirs(path)
-    netns.create(NETNS)
-    with IPRoute() as ipr:
-        ipr.link("add", ifname=VETH_HOST, kind="veth", peer={"ifname": VETH_POD, "net_ns_fd": NETNS})
-        idx = ipr.link_lookup(ifname=VETH_HOST)[0]
-        ipr.addr("add", index=idx, address=HOST_IP, prefixlen=24)
-        ipr.link("set", index=idx, state="up")
-    with NetNS(NETNS) as ns:
-        idx = ns.link_lookup(ifname=VETH_POD)[0]
-        ns.addr("add", index=idx, address=POD_IP, prefixlen=24)
-        ns.link("set", index=idx, state="up")
-        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+    add_pod_netns(NETNS, VETH_HOST, VETH_POD, HOST_IP, POD_IP)
     return topo
 
 

@@ -21,7 +21,7 @@ from nodemesh.nodeconfig import CONTROLLER_ADMIN_PORT, CONTROLLER_PORT, TUNNEL_P
 from nodemesh.scrape import total
 
 from .capture import Capture
-from .labtools import cli, client_summary, eventually, leftovers, metrics, pod_exec, requires_root
+from .labtools import cli, client_summary, eventually, fresh_lab, metrics, pod_exec, requires_root
 
 pytestmark = [pytest.mark.e2e, requires_root]
 
@@ -32,13 +32,8 @@ CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 @pytest.fixture(scope="module")
 def mtls_lab() -> Iterator[None]:
-    lab.down()
-    lab.up(leaf_lifetime=LEAF_LIFETIME)
-    try:
+    with fresh_lab(leaf_lifetime=LEAF_LIFETIME):
         yield
-    finally:
-        lab.down()
-        assert leftovers() == []
 
 
 def identities() -> dict[str, dict]:

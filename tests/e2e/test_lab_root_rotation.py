@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from nodemesh.controller.ca import load_ca_dir
-from nodemesh.lab import lab, lab_ca
+from nodemesh.lab import lab_ca
 
-from .labtools import cli, client_summary, eventually, leftovers, requires_root
+from .labtools import cli, client_summary, eventually, fresh_lab, requires_root
 from .test_lab_mtls import HELLO_URL, LEAF_LIFETIME, background_client, finish, identities
 
 pytestmark = [pytest.mark.e2e, requires_root]
@@ -26,13 +26,8 @@ TRAFFIC_SECONDS = 10.0
 
 @pytest.fixture(scope="module")
 def rotation_lab() -> Iterator[None]:
-    lab.down()
-    lab.up(leaf_lifetime=LEAF_LIFETIME)
-    try:
+    with fresh_lab(leaf_lifetime=LEAF_LIFETIME):
         yield
-    finally:
-        lab.down()
-        assert leftovers() == []
 
 
 def test_root_rotation_with_traffic_flowing(rotation_lab: None) -> None:

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 import pytest
-import uvloop
 
 from nodemesh.agent.proxy import NodeProxy
 from nodemesh.controller.discovery import node_config
@@ -26,65 +23,23 @@ from nodemesh.model import ClusterState, parse_documents
 from nodemesh.nodeconfig import NodeConfig
 from nodemesh.scrape import total
 
-pytestmark = pytest.mark.timeout(20)
-T = TypeVar("T")
+from tests import objects_yaml as y
 
-CLIENT_IP, OTHER_IP, ECHO1_IP, ECHO2_IP = "127.0.1.20", "127.0.1.21", "127.0.1.10", "127.0.2.11"
+from .loopback import PodIPs, redirected_socket, run, two_node_cluster
+
+pytestmark = pytest.mark.timeout(20)
+
+IPS = PodIPs(client="127.0.1.20", other="127.0.1.21", echo1="127.0.1.10", echo2="127.0.2.11")
+CLIENT_IP, OTHER_IP, ECHO1_IP, ECHO2_IP = IPS
 TARGETS = {"same-node": ECHO1_IP, "cross-node": ECHO2_IP}
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 
-def run(coro_fn: Callable[[], Awaitable[T]], budget: float = 10.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro_fn(), budget)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(bounded())
-
-
 def cluster_yaml(port: int) -> str:
-    def p(name: str, sa: str, node: str, ip: str, app: str) -> str:
-        return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}\n"
-                f"spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, ports: [{{containerPort: {port}, name: echo}}]}}]}}\n"
-                f"status: {{podIP: {ip}}}\n")
-    return f"""
-apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-spec: {{podCIDR: 127.0.1.0/24}}
-status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node2}}
-spec: {{podCIDR: 127.0.2.0/24}}
-status: {{addresses: [{{type: InternalIP, address: 127.0.0.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{nodemesh.io/mesh: enabled}}, annotations: {{config.nodemesh.io/default-inbound-policy: deny}}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: client, namespace: demo}}
-""" + p("client", "client", "node1", CLIENT_IP, "client") + p("other", "other", "node1", OTHER_IP, "other") \
-        + p("echo-1", "echo", "node1", ECHO1_IP, "echo") + p("echo-2", "echo", "node2", ECHO2_IP, "echo")
+    return two_node_cluster(IPS, port, "echo")
 
 
-ALLOW = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: Server
-metadata: {name: echo, namespace: demo}
-spec: {podSelector: {matchLabels: {app: echo}}, port: echo}
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  targetRef: {kind: Server, name: echo}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
-"""
+ALLOW = y.server("echo", "echo", "echo") + y.allow_account("allow-client", "Server", "echo", "client")
 
 
 class Echo(asyncio.Protocol):
@@ -119,12 +74,7 @@ class Mesh:
         return replace(cfg, nodes=nodes)
 
     async def connect(self, src_ip: str, dst_ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.bind((src_ip, 0))
-        self.orig[sock.getsockname()] = (dst_ip, self.port)
-        await loop.sock_connect(sock, self.proxies["node1"].addresses.outbound)
+        sock = await redirected_socket(src_ip, (dst_ip, self.port), self.proxies["node1"].addresses.outbound, self.orig)
         return await asyncio.open_connection(sock=sock)
 
 
@@ -213,19 +163,7 @@ def test_removing_the_allow_cuts_a_live_connection_within_a_second(path: str) ->
     run(body)
 
 
-ALSO_OTHER = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-other, namespace: demo}
-spec:
-  targetRef: {kind: Server, name: echo}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: other}]
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: other, namespace: demo}
-"""
+ALSO_OTHER = y.allow_account("allow-other", "Server", "echo", "other") + y.service_account("other")
 
 
 def test_a_change_that_still_allows_keeps_live_connections() -> None:

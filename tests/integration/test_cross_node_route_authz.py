@@ -13,6 +13,9 @@ import pytest
 
 from nodemesh.scrape import total
 
+from tests import objects_yaml as y
+
+from .loopback import redirected_socket
 from .test_l7_authz import CLIENT_ID, OTHER_ID, OTHER_IP, REMOTE_VIP, Backend, CLIENT_IP, mesh, run
 
 pytestmark = pytest.mark.timeout(30)
@@ -124,7 +127,7 @@ MATRIX = [  # (how the client dials, pod, path): same-node and cross-node must e
 
 @pytest.mark.parametrize("mtls", [True, False], ids=["mtls", "plaintext"])
 def test_route_policy_matrix_same_node_and_cross_node(mtls: bool) -> None:
-    from .test_l7_authz import ECHO1_IP, ECHO2_IP, LOCAL_VIP, Client
+    from .test_l7_authz import ECHO1_IP, ECHO2_IP, LOCAL_VIP
 
     async def body() -> None:
         async with mesh(ROUTE_BOTH, mtls=mtls) as m:
@@ -132,12 +135,7 @@ def test_route_policy_matrix_same_node_and_cross_node(mtls: bool) -> None:
                 if how == "vip":
                     c = await m.client(CLIENT_IP, LOCAL_VIP if pod == "echo-1" else REMOTE_VIP)
                 else:  # the pod dialed directly: L4 at the source, HTTP only at the pod's inbound
-                    sock = __import__("socket").socket()
-                    sock.setblocking(False)
-                    sock.bind((CLIENT_IP, 0))
-                    m.orig[sock.getsockname()] = (ECHO1_IP if pod == "echo-1" else ECHO2_IP, m.port)
-                    await asyncio.get_running_loop().sock_connect(sock, m.proxies["node1"].addresses.outbound)
-                    c = Client(*await asyncio.open_connection(sock=sock))
+                    c = await m.client_to(CLIENT_IP, (ECHO1_IP if pod == "echo-1" else ECHO2_IP, m.port))
                 Backend.seen = []
                 got = [(await c.get(p))[0] for p in ("/allowed", "/denied", "/allowed")]
                 assert got == [200, 403, 200], (how, pod, where, got)
@@ -152,13 +150,7 @@ def test_route_policy_matrix_same_node_and_cross_node(mtls: bool) -> None:
     run(body)
 
 
-SERVER_UNKNOWN = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: Server
-metadata: {name: echo, namespace: demo}
-spec: {podSelector: {matchLabels: {app: echo}}, port: http}
-"""
+SERVER_UNKNOWN = y.server("echo", "echo", "http")  # no proxyProtocol: detected
 
 
 @pytest.mark.parametrize("mtls", [True, False], ids=["mtls", "plaintext"])
@@ -166,26 +158,16 @@ def test_unknown_protocol_server_with_route_policies_detects_http(mtls: bool) ->
     """Route policies on a Server without a proxyProtocol: HTTP/1 clients are decided per request;
     a client speaking something else only a route policy would let in is refused (route policies
     cannot apply to bytes)."""
-    import socket
-
-    from .test_l7_authz import ECHO2_IP, Client
+    from .test_l7_authz import ECHO2_IP
 
     async def body() -> None:
         async with mesh(ROUTE_BOTH + SERVER_UNKNOWN, mtls=mtls) as m:
             assert m.proxies["node2"].authz.policy.pods[0].servers[0].protocol == "unknown"
             loop = asyncio.get_running_loop()
 
-            async def dial_pod() -> socket.socket:
-                sock = socket.socket()
-                sock.setblocking(False)
-                sock.bind((CLIENT_IP, 0))
-                m.orig[sock.getsockname()] = (ECHO2_IP, m.port)
-                await loop.sock_connect(sock, m.proxies["node1"].addresses.outbound)
-                return sock
-
-            c = Client(*await asyncio.open_connection(sock=await dial_pod()))
+            c = await m.client_to(CLIENT_IP, (ECHO2_IP, m.port))
             assert [(await c.get(p))[0] for p in ("/allowed", "/denied", "/allowed")] == [200, 403, 200]
-            raw = await dial_pod()
+            raw = await redirected_socket(CLIENT_IP, (ECHO2_IP, m.port), m.proxies["node1"].addresses.outbound, m.orig)
             await loop.sock_sendall(raw, b"\x16\x03\x01\x00\x05hello")  # TLS-looking bytes: not HTTP/1
             with pytest.raises((ConnectionResetError, ConnectionError)):
                 data = await asyncio.wait_for(loop.sock_recv(raw, 100), 5.0)

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, SettingsFrame
 
 from nodemesh import sample_h2
@@ -24,21 +24,15 @@ from nodemesh.nodeconfig import Endpoint, NodeConfig, NodeInfo, ServicePortView,
 from nodemesh.sample_server import Identity
 from nodemesh.scrape import total
 
+from . import loopback
+
 pytestmark = pytest.mark.timeout(60)
-T = TypeVar("T")
+run = functools.partial(loopback.run, budget=30.0)
 
 CLIENT_IP = "127.0.6.20"
 VIP, VIP_EMPTY = "10.96.6.10", "10.96.6.40"
 A_IP, B_IP = "127.0.6.11", "127.0.6.12"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def run(coro_fn: Callable[[], Awaitable[T]], budget: float = 30.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro_fn(), budget)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(bounded())
 
 
 def pod(name: str, ip: str) -> WorkloadPod:

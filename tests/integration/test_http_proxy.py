@@ -9,35 +9,29 @@ from __future__ import annotations
 import asyncio
 import random
 import contextlib
+import functools
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import h11
 import pytest
-import uvloop
 
 from nodemesh import sample_server
 from nodemesh.agent.proxy import NodeProxy
 from nodemesh.nodeconfig import Endpoint, NodeConfig, NodeInfo, ServicePortView, ServiceView, WorkloadPod
 
+from . import loopback
+
 pytestmark = pytest.mark.timeout(60)
-T = TypeVar("T")
+run = functools.partial(loopback.run, budget=20.0)
 
 CLIENT_IP = "127.0.5.20"
 VIP, VIP_B, VIP_RAW, VIP_EMPTY = "10.96.5.10", "10.96.5.20", "10.96.5.30", "10.96.5.40"
 A_IP, B_IP, C_IP, RAW_IP = "127.0.5.11", "127.0.5.12", "127.0.5.13", "127.0.5.14"
-
-
-def run(coro_fn: Callable[[], Awaitable[T]], budget: float = 20.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro_fn(), budget)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(bounded())
 
 
 def pod(name: str, ip: str) -> WorkloadPod:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -74,12 +76,28 @@ class Agent:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def controller(lifetime: float = 60) -> AsyncIterator[Controller]:
+    ctl = Controller(lifetime)
+    await ctl.start()
+    try:
+        yield ctl
+    finally:
+        await ctl.server.close()
+
+
+@contextlib.asynccontextmanager
+async def agent_of(ctl: Controller) -> AsyncIterator[Agent]:
+    a = Agent(ctl)
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
 def test_bootstrap_then_mtls_stream_and_workload_certs():
     async def main():
-        ctl = Controller()
-        await ctl.start()
-        a = Agent(ctl)
-        try:
+        async with controller() as ctl, agent_of(ctl) as a:
             await until(lambda: a.identity.credential(WEB) is not None)
             assert a.stream.connected and a.stream.version > 0
             assert a.identity.credential(a.identity.node_identity) is not None
@@ -89,35 +107,23 @@ def test_bootstrap_then_mtls_stream_and_workload_certs():
             leaf = a.identity.credential(WEB).leaf
             assert str(spiffe.cert_identity(leaf, TD)) == WEB
             assert DB not in a.identity.store.creds  # node1 never asks for node2's workload
-        finally:
-            await a.stop()
-            await ctl.server.close()
     run(main())
 
 
 def test_short_lived_certs_renew_at_70_percent_over_the_stream():
     async def main():
-        ctl = Controller(lifetime=2)
-        await ctl.start()
-        a = Agent(ctl)
-        try:
+        async with controller(lifetime=2) as ctl, agent_of(ctl) as a:
             await until(lambda: a.identity.credential(WEB) is not None)
             first = a.identity.credential(WEB).leaf.serial_number
             await until(lambda: a.identity.store.creds[WEB].generation >= 3, timeout=8)
             assert a.identity.credential(WEB).leaf.serial_number != first
             assert a.stream.connected  # renewals ride the live stream, no reconnect needed
-        finally:
-            await a.stop()
-            await ctl.server.close()
     run(main(), timeout=15)
 
 
 def test_csr_for_another_nodes_workload_is_refused_and_counted():
     async def main():
-        ctl = Controller()
-        await ctl.start()
-        a = Agent(ctl)
-        try:
+        async with controller() as ctl, agent_of(ctl) as a:
             await until(lambda: a.identity.credential(WEB) is not None)
             a.identity.workloads = frozenset({WEB, DB})  # a compromised/confused agent asks for db (on node2)
             a.identity._wake.set()
@@ -126,9 +132,6 @@ def test_csr_for_another_nodes_workload_is_refused_and_counted():
             assert a.identity.credential(DB) is None
             assert ctl.identity.csr_refused["not_on_node"] >= 1
             assert a.stream.connected  # a refusal does not cost the stream
-        finally:
-            await a.stop()
-            await ctl.server.close()
     run(main())
 
 
@@ -138,9 +141,7 @@ def test_csr_for_another_nodes_workload_is_refused_and_counted():
 ])
 def test_bootstrap_refusals(case, match, counter):
     async def main():
-        ctl = Controller()
-        await ctl.start()
-        try:
+        async with controller() as ctl:
             if case == "reused_token":
                 first = AgentIdentity("node1", TOKENS["node1"], ctl.ca.bundle_pem(), TD)
                 await first.bootstrap(ctl.addr)
@@ -152,8 +153,6 @@ def test_bootstrap_refusals(case, match, counter):
                 await again.bootstrap(ctl.addr)
             assert ctl.identity.bootstrap_refused[counter] == 1
             assert not again.has_node_cert()
-        finally:
-            await ctl.server.close()
     run(main())
 
 
@@ -175,29 +174,21 @@ async def _raw_hello(ctl: Controller, ctx: ssl.SSLContext, hello: dict[str, Any]
 
 def test_hello_without_node_certificate_is_refused_even_with_the_token():
     async def main():
-        ctl = Controller()
-        await ctl.start()
-        try:
+        async with controller() as ctl:
             ctx = tlsctx.client_context(ctl.ca.bundle_pem())
             msg = await _raw_hello(ctl, ctx, {"type": "hello", "node": "node1", "token": TOKENS["node1"], "version": 0})
             assert msg["type"] == "error" and "no node certificate" in msg["reason"]
             assert ctl.server.auth_failures == 1
-        finally:
-            await ctl.server.close()
     run(main())
 
 
 def test_node_certificate_cannot_speak_for_another_node():
     async def main():
-        ctl = Controller()
-        await ctl.start()
-        try:
+        async with controller() as ctl:
             n2 = AgentIdentity("node2", TOKENS["node2"], ctl.ca.bundle_pem(), TD)
             await n2.bootstrap(ctl.addr)
             msg = await _raw_hello(ctl, n2.stream_ssl(), {"type": "hello", "node": "node1", "version": 0})
             assert msg["type"] == "error" and "for node 'node2', not 'node1'" in msg["reason"]
-        finally:
-            await ctl.server.close()
     run(main())
 
 
@@ -226,10 +217,7 @@ def test_agent_refuses_a_server_that_is_not_the_controller():
 
 def test_issuer_rotation_reissues_the_controller_cert_and_new_leaves_use_new_issuer():
     async def main():
-        ctl = Controller(lifetime=2)
-        await ctl.start()
-        a = Agent(ctl)
-        try:
+        async with controller(lifetime=2) as ctl, agent_of(ctl) as a:
             await until(lambda: a.identity.credential(WEB) is not None)
             old_issuer = a.identity.credential(WEB).chain[1]
             new = new_issuer(ctl.anchor, TD)
@@ -239,9 +227,6 @@ def test_issuer_rotation_reissues_the_controller_cert_and_new_leaves_use_new_iss
             # a fresh mTLS connection to the controller verifies its re-issued certificate
             msg = await _raw_hello(ctl, a.identity.stream_ssl(), {"type": "hello", "node": "node1", "version": 0})
             assert msg["type"] in ("bundle", "config", "ping")  # authenticated: the stream begins
-        finally:
-            await a.stop()
-            await ctl.server.close()
     run(main(), timeout=15)
 
 

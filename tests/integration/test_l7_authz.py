@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import h11
 import pytest
-import uvloop
 
 from nodemesh.agent.identity_client import AgentIdentity
 from nodemesh.agent.proxy import NodeProxy
@@ -32,80 +31,30 @@ from nodemesh.model import ClusterState, parse_documents
 from nodemesh.nodeconfig import NodeConfig
 from nodemesh.scrape import total
 
+from tests import objects_yaml as y
+
+from . import loopback
+from .loopback import PodIPs, redirected_socket, two_node_cluster
 from .test_mtls_tunnel import sign_into
 
 pytestmark = pytest.mark.timeout(30)
-T = TypeVar("T")
+run = functools.partial(loopback.run, budget=20.0)
 
 TD = "cluster.local"
-CLIENT_IP, OTHER_IP, ECHO1_IP, ECHO2_IP = "127.0.7.20", "127.0.7.21", "127.0.7.10", "127.0.8.11"
+IPS = PodIPs(client="127.0.7.20", other="127.0.7.21", echo1="127.0.7.10", echo2="127.0.8.11")
+CLIENT_IP, OTHER_IP, ECHO1_IP, ECHO2_IP = IPS
 LOCAL_VIP, REMOTE_VIP = "10.96.7.10", "10.96.7.20"
 CLIENT_ID = f"spiffe://{TD}/ns/demo/sa/client"
 OTHER_ID = f"spiffe://{TD}/ns/demo/sa/other"
 ECHO_ID = f"spiffe://{TD}/ns/demo/sa/echo"
 
 
-def run(fn: Callable[[], Awaitable[T]], budget: float = 20.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(fn(), budget)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(bounded())
-
-
 def cluster_yaml(port: int) -> str:
-    def pod(name: str, sa: str, node: str, ip: str, app: str) -> str:
-        return (f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {app}, pod: {name}}}}}\n"
-                f"spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, ports: [{{containerPort: {port}, name: http}}]}}]}}\n"
-                f"status: {{podIP: {ip}}}\n")
-
-    def svc(name: str, vip: str, pod: str) -> str:
-        return (f"---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n"
-                f"spec: {{clusterIP: {vip}, selector: {{pod: {pod}}}, ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n")
-
-    return f"""
-apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-spec: {{podCIDR: 127.0.7.0/24}}
-status: {{addresses: [{{type: InternalIP, address: 127.0.0.1}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node2}}
-spec: {{podCIDR: 127.0.8.0/24}}
-status: {{addresses: [{{type: InternalIP, address: 127.0.0.2}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{nodemesh.io/mesh: enabled}}, annotations: {{config.nodemesh.io/default-inbound-policy: deny}}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: client, namespace: demo}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: other, namespace: demo}}
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: Server
-metadata: {{name: echo, namespace: demo}}
-spec: {{podSelector: {{matchLabels: {{app: echo}}}}, port: http, proxyProtocol: HTTP/1}}
-""" + pod("client", "client", "node1", CLIENT_IP, "client") + pod("other", "other", "node1", OTHER_IP, "other") \
-        + pod("echo-1", "echo", "node1", ECHO1_IP, "echo") + pod("echo-2", "echo", "node2", ECHO2_IP, "echo") \
-        + svc("echo-local", LOCAL_VIP, "echo-1") + svc("echo-remote", REMOTE_VIP, "echo-2")
+    services = (("echo-local", LOCAL_VIP, "echo-1"), ("echo-remote", REMOTE_VIP, "echo-2"))
+    return two_node_cluster(IPS, port, "http", accounts=("client", "other"), services=services) + y.server("echo", "echo", "http", "HTTP/1")
 
 
-ALLOW_CLIENT = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  targetRef: {kind: Server, name: echo}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
-"""
+ALLOW_CLIENT = y.allow_account("allow-client", "Server", "echo", "client")
 
 # Two routes on echo-local; `other` may use only the health route.
 ROUTES = """
@@ -208,12 +157,11 @@ class Mesh:
                 self.ids[name].set_config(cfg)
 
     async def client(self, src_ip: str, vip: str) -> Client:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.bind((src_ip, 0))
-        self.orig[sock.getsockname()] = (vip, 80)
-        await loop.sock_connect(sock, self.proxies["node1"].addresses.outbound)
+        return await self.client_to(src_ip, (vip, 80))
+
+    async def client_to(self, src_ip: str, dst: tuple[str, int]) -> Client:
+        """A client whose connection the node1 proxy takes as redirected from `dst`."""
+        sock = await redirected_socket(src_ip, dst, self.proxies["node1"].addresses.outbound, self.orig)
         return Client(*await asyncio.open_connection(sock=sock))
 
     def http_authz(self, node: str, verdict: str, **labels: str) -> float:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import pytest
-import uvloop
 
 from nodemesh import sample_server
 from nodemesh.agent.handshake import ResponseParser, TunnelRequest, encode_request
@@ -26,8 +25,10 @@ from nodemesh.agent.proxy import NodeProxy
 from nodemesh.agent.relay import HIGH_WATER
 from nodemesh.nodeconfig import Endpoint, NodeConfig, NodeInfo, ServicePortView, ServiceView, WorkloadPod
 
+from . import loopback
+
 pytestmark = pytest.mark.timeout(10)
-T = TypeVar("T")
+run = functools.partial(loopback.run, budget=5.0)
 
 CLIENT_IP = "127.0.1.20"  # pod client-1 on node1
 ECHO_IP = "127.0.1.10"  # pod echo-1 on node1
@@ -35,14 +36,6 @@ HTTP_IP = "127.0.2.10"  # pod web-2 on node2
 REMOTE_ECHO_IP = "127.0.2.11"  # pod echo-2 on node2
 DEAD_IP = "127.0.1.30"  # pod dead-1 on node1: nothing listens
 ECHO_VIP, WEB_VIP, REMOTE_ECHO_VIP, DEAD_VIP = "10.96.0.10", "10.96.0.20", "10.96.0.30", "10.96.0.40"
-
-
-def run(coro_fn: Callable[[], Awaitable[T]], budget: float = 5.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro_fn(), budget)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(bounded())
 
 
 # ---- backends -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from nodemesh.authz import ClientInfo, NodePolicy, authorize
 from nodemesh.controller.policy import node_policy, with_policy
 from nodemesh.model import ClusterState, key_of, parse_documents
 from nodemesh.nodeconfig import NodeConfig
+from tests import objects_yaml as y
 
 CLIENT = "spiffe://cluster.local/ns/demo/sa/client"
 OTHER = "spiffe://cluster.local/ns/demo/sa/other"
@@ -15,64 +16,20 @@ FOREIGN = "spiffe://cluster.local/ns/ops/sa/prober"
 
 
 def cluster(ns_default: str = "", pod_default: str = "", policies: str = "", validate: bool = True) -> ClusterState:
-    ns_ann = f", annotations: {{config.nodemesh.io/default-inbound-policy: {ns_default}}}" if ns_default else ""
-    pod_ann = f", annotations: {{config.nodemesh.io/default-inbound-policy: {pod_default}}}" if pod_default else ""
-    text = f"""
-apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-spec: {{podCIDR: 10.244.1.0/24}}
-status: {{addresses: [{{type: InternalIP, address: 172.31.255.11}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node2}}
-spec: {{podCIDR: 10.244.2.0/24}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: demo, labels: {{nodemesh.io/mesh: enabled}}{ns_ann}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: ops, labels: {{nodemesh.io/mesh: enabled}}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: client, namespace: demo}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: hello-1, namespace: demo, labels: {{app: hello}}{pod_ann}}}
-spec: {{nodeName: node1, serviceAccountName: hello, containers: [{{name: c, ports: [{{containerPort: 8080, name: http}}]}}]}}
-status: {{podIP: 10.244.1.2}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: hello-2, namespace: demo, labels: {{app: hello}}}}
-spec: {{nodeName: node2, serviceAccountName: hello, containers: [{{name: c, ports: [{{containerPort: 8080, name: http}}]}}]}}
-status: {{podIP: 10.244.2.2}}
-"""
+    def hello(name: str, node: str, ip: str, annotations: dict[str, str] | None = None) -> str:
+        return y.pod(name, node=node, sa="hello", ip=ip, port=8080, port_name="http", labels={"app": "hello"}, annotations=annotations)
+
+    text = (y.node("node1", "10.244.1.0/24", "172.31.255.11") + y.node("node2", "10.244.2.0/24")
+            + y.meshed_namespace("demo", ns_default) + y.meshed_namespace("ops") + y.service_account("client")
+            + hello("hello-1", "node1", "10.244.1.2", {"config.nodemesh.io/default-inbound-policy": pod_default} if pod_default else None)
+            + hello("hello-2", "node2", "10.244.2.2"))
     objs = parse_documents(text + policies, "t.yaml")
     if not validate:  # HTTPRoute is the L7 issue's kind: route-targeted policies are built unchecked here
         return ClusterState(objects={key_of(o): o for o in objs})
     return ClusterState().apply(objs, "t.yaml")
 
 
-ALLOW_CLIENT = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: Server
-metadata: {name: hello-http, namespace: demo}
-spec: {podSelector: {matchLabels: {app: hello}}, port: http, proxyProtocol: HTTP/1}
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  targetRef: {kind: Server, name: hello-http}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
-"""
+ALLOW_CLIENT = y.server("hello-http", "hello", "http", "HTTP/1") + y.allow_account("allow-client", "Server", "hello-http", "client")
 
 MESH_AND_NET = """
 ---
@@ -108,28 +65,11 @@ kind: ServiceAccount
 metadata: {name: hello, namespace: demo}
 """
 
-ROUTE_ONLY = """
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: Server
-metadata: {name: hello-http, namespace: demo}
-spec: {podSelector: {matchLabels: {app: hello}}, port: 8080, proxyProtocol: HTTP/1}
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  targetRef: {kind: Server, name: hello-http}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: client}]
----
-apiVersion: policy.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: other-on-health, namespace: demo}
-spec:
-  targetRef: {kind: HTTPRoute, name: health}
-  requiredAuthenticationRefs: [{kind: ServiceAccount, name: default}]
-"""
+ROUTE_ONLY = (y.server("hello-http", "hello", 8080, "HTTP/1") + y.allow_account("allow-client", "Server", "hello-http", "client")
+              + y.allow_account("other-on-health", "HTTPRoute", "health", "default"))
 
+ADMIT_AUTHENTICATED = (y.server("hello-http", "hello", "http", "HTTP/1", access_policy="all-authenticated")
+                       + y.allow_account("allow-client", "Server", "hello-http", "client"))
 DEFAULT = "spiffe://cluster.local/ns/demo/sa/default"
 
 
@@ -152,9 +92,9 @@ CASES = [
     ("namespace policy: wrong net", {"policies": MESH_AND_NET}, "deny", FOREIGN, "10.244.2.7", 8080, False, "hello-http", "", "is not in 10.244.1.0/24"),
     ("namespace policy: excepted ip", {"policies": MESH_AND_NET}, "deny", FOREIGN, "10.244.1.66", 8080, False, "hello-http", "", "is not in"),
     ("namespace policy: wrong identity", {"policies": MESH_AND_NET}, "deny", CLIENT, "10.244.1.7", 8080, False, "hello-http", "", "is not one of spiffe://cluster.local/ns/ops/sa/*"),
-    ("server accessPolicy admits the unmatched", {"policies": ALLOW_CLIENT.replace("proxyProtocol: HTTP/1", "proxyProtocol: HTTP/1, accessPolicy: all-authenticated")},
+    ("server accessPolicy admits the unmatched", {"policies": ADMIT_AUTHENTICATED},
      "deny", OTHER, "10.244.1.3", 8080, True, "hello-http", "all-authenticated", "accessPolicy of Server hello-http"),
-    ("server accessPolicy still needs its condition", {"policies": ALLOW_CLIENT.replace("proxyProtocol: HTTP/1", "proxyProtocol: HTTP/1, accessPolicy: all-authenticated")},
+    ("server accessPolicy still needs its condition", {"policies": ADMIT_AUTHENTICATED},
      "deny", None, "10.244.1.3", 8080, False, "hello-http", "", "no AuthorizationPolicy"),
     ("route policy does not open the connection", {"policies": ROUTE_ONLY, "validate": False}, "deny", DEFAULT, "10.244.1.7", 8080, False, "hello-http", "", "no AuthorizationPolicy"),
 ]

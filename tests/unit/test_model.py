@@ -10,6 +10,8 @@ import nodemesh
 from nodemesh.errors import ConfigError
 from nodemesh.model import ClusterState, Pod, is_meshed, load_file, parse_documents
 
+from .config_errors import assert_config_error
+
 NODES = """
 apiVersion: v1
 kind: Node
@@ -47,11 +49,8 @@ spec: {{nodeName: {node}, containers: [{{name: c}}]}}{status}
      "Pod demo/p", "spec.nodeName", "is required"),
 ])
 def test_parse_errors_name_source_object_field(case, text, obj, field, words):
-    with pytest.raises(ConfigError) as err:
-        parse_documents(text, "lab/objects.yaml")
-    e = err.value
-    assert (e.source, e.obj, e.field) == ("lab/objects.yaml", obj, field), case
-    assert words in str(e) and str(e).startswith("lab/objects.yaml, "), case
+    e = assert_config_error(lambda: parse_documents(text, "lab/objects.yaml"), "lab/objects.yaml", obj, field, words)
+    assert str(e).startswith("lab/objects.yaml, "), case
 
 
 def test_invalid_yaml_names_the_source():
@@ -61,11 +60,8 @@ def test_invalid_yaml_names_the_source():
 
 def test_pod_on_missing_node_names_node_and_field():
     base = ClusterState().apply(parse_documents(NODES, "nodes.yaml"))
-    with pytest.raises(ConfigError) as err:
-        base.apply(parse_documents(pod_doc(node="node9"), "pods.yaml"), source="pods.yaml")
-    e = err.value
-    assert (e.source, e.obj, e.field) == ("pods.yaml", "Pod demo/p", "spec.nodeName")
-    assert "node 'node9' does not exist (nodes: node1)" in str(e)
+    assert_config_error(lambda: base.apply(parse_documents(pod_doc(node="node9"), "pods.yaml"), source="pods.yaml"),
+                        "pods.yaml", "Pod demo/p", "spec.nodeName", "node 'node9' does not exist (nodes: node1)")
 
 
 def test_apply_failure_leaves_state_unchanged():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nodemesh.errors import ConfigError
 from nodemesh.model import ClusterState, dump_object, parse_documents
 from nodemesh.policy_model import AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication, Server
+
+from .config_errors import assert_config_error
 
 BASE = """
 apiVersion: v1
@@ -79,36 +80,27 @@ def _doc(kind: str, spec: str, name: str = "x") -> str:
     return f"apiVersion: policy.nodemesh.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
 
 
+def bad(case: str, kind: str, spec: str, field: str, words: str) -> tuple[str, str, str, str, str]:
+    """A parse-error row: `kind` demo/x with `spec` is refused at `field`, saying `words`."""
+    return (case, _doc(kind, spec), f"{kind} demo/x", field, words)
+
+
 @pytest.mark.parametrize("case, text, obj, field, words", [
-    ("invalid CIDR", _doc("NetworkAuthentication", "{networks: [{cidr: 10.0.0.300/8}]}"),
-     "NetworkAuthentication demo/x", "spec.networks[0].cidr", "not a valid CIDR"),
-    ("CIDR with host bits", _doc("NetworkAuthentication", "{networks: [{cidr: 10.0.0.1/8}]}"),
-     "NetworkAuthentication demo/x", "spec.networks[0].cidr", "host bits set"),
-    ("invalid except CIDR", _doc("NetworkAuthentication", "{networks: [{cidr: 10.0.0.0/8, except: [nope]}]}"),
-     "NetworkAuthentication demo/x", "spec.networks[0].except[0]", "not a valid CIDR"),
-    ("no networks", _doc("NetworkAuthentication", "{networks: []}"),
-     "NetworkAuthentication demo/x", "spec.networks", "at least one"),
-    ("bad identity", _doc("MeshTLSAuthentication", "{identities: [client]}"),
-     "MeshTLSAuthentication demo/x", "spec.identities[0]", "is not an identity"),
-    ("no identities", _doc("MeshTLSAuthentication", "{identities: []}"),
-     "MeshTLSAuthentication demo/x", "spec.identities", "at least one"),
-    ("identityRef kind", _doc("MeshTLSAuthentication", "{identityRefs: [{kind: Pod, name: a}]}"),
-     "MeshTLSAuthentication demo/x", "spec.identityRefs[0].kind", "ServiceAccount or Namespace"),
-    ("server protocol", _doc("Server", "{podSelector: {}, port: 80, proxyProtocol: HTTP/3}"),
-     "Server demo/x", "spec.proxyProtocol", "must be one of"),
-    ("server port", _doc("Server", "{podSelector: {}, port: 0}"), "Server demo/x", "spec.port", "1-65535"),
-    ("server access policy", _doc("Server", "{podSelector: {}, port: 80, accessPolicy: allow}"),
-     "Server demo/x", "spec.accessPolicy", "unknown policy 'allow'"),
-    ("server selector", _doc("Server", "{podSelector: {matchFields: []}, port: 80}"),
-     "Server demo/x", "spec.podSelector.matchFields", "not supported"),
-    ("server expression operator", _doc("Server", "{podSelector: {matchExpressions: [{key: app, operator: Equals, values: [a]}]}, port: 80}"),
-     "Server demo/x", "spec.podSelector.matchExpressions[0].operator", "must be In, NotIn"),
-    ("server expression values", _doc("Server", "{podSelector: {matchExpressions: [{key: app, operator: In}]}, port: 80}"),
-     "Server demo/x", "spec.podSelector.matchExpressions[0].values", "must list strings"),
-    ("target kind", _doc("AuthorizationPolicy", "{targetRef: {kind: Service, name: s}}"),
-     "AuthorizationPolicy demo/x", "spec.targetRef.kind", "Server, Namespace, HTTPRoute"),
-    ("authn kind", _doc("AuthorizationPolicy", "{targetRef: {kind: Namespace, name: demo}, requiredAuthenticationRefs: [{kind: Secret, name: s}]}"),
-     "AuthorizationPolicy demo/x", "spec.requiredAuthenticationRefs[0].kind", "must be one of"),
+    bad("invalid CIDR", "NetworkAuthentication", "{networks: [{cidr: 10.0.0.300/8}]}", "spec.networks[0].cidr", "not a valid CIDR"),
+    bad("CIDR with host bits", "NetworkAuthentication", "{networks: [{cidr: 10.0.0.1/8}]}", "spec.networks[0].cidr", "host bits set"),
+    bad("invalid except CIDR", "NetworkAuthentication", "{networks: [{cidr: 10.0.0.0/8, except: [nope]}]}", "spec.networks[0].except[0]", "not a valid CIDR"),
+    bad("no networks", "NetworkAuthentication", "{networks: []}", "spec.networks", "at least one"),
+    bad("bad identity", "MeshTLSAuthentication", "{identities: [client]}", "spec.identities[0]", "is not an identity"),
+    bad("no identities", "MeshTLSAuthentication", "{identities: []}", "spec.identities", "at least one"),
+    bad("identityRef kind", "MeshTLSAuthentication", "{identityRefs: [{kind: Pod, name: a}]}", "spec.identityRefs[0].kind", "ServiceAccount or Namespace"),
+    bad("server protocol", "Server", "{podSelector: {}, port: 80, proxyProtocol: HTTP/3}", "spec.proxyProtocol", "must be one of"),
+    bad("server port", "Server", "{podSelector: {}, port: 0}", "spec.port", "1-65535"),
+    bad("server access policy", "Server", "{podSelector: {}, port: 80, accessPolicy: allow}", "spec.accessPolicy", "unknown policy 'allow'"),
+    bad("server selector", "Server", "{podSelector: {matchFields: []}, port: 80}", "spec.podSelector.matchFields", "not supported"),
+    bad("server expression operator", "Server", "{podSelector: {matchExpressions: [{key: app, operator: Equals, values: [a]}]}, port: 80}", "spec.podSelector.matchExpressions[0].operator", "must be In, NotIn"),
+    bad("server expression values", "Server", "{podSelector: {matchExpressions: [{key: app, operator: In}]}, port: 80}", "spec.podSelector.matchExpressions[0].values", "must list strings"),
+    bad("target kind", "AuthorizationPolicy", "{targetRef: {kind: Service, name: s}}", "spec.targetRef.kind", "Server, Namespace, HTTPRoute"),
+    bad("authn kind", "AuthorizationPolicy", "{targetRef: {kind: Namespace, name: demo}, requiredAuthenticationRefs: [{kind: Secret, name: s}]}", "spec.requiredAuthenticationRefs[0].kind", "must be one of"),
     ("wrong apiVersion", "apiVersion: policy.linkerd.io/v1beta1\nkind: Server\nmetadata: {name: x, namespace: demo}\nspec: {podSelector: {}, port: 80}\n",
      "Server demo/x", "apiVersion", "policy.nodemesh.io/v1alpha1"),
     ("namespace default policy", "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, annotations: {config.nodemesh.io/default-inbound-policy: allow-all}}\n",
@@ -117,11 +109,7 @@ def _doc(kind: str, spec: str, name: str = "x") -> str:
      "Pod demo/p", "metadata.annotations.config.nodemesh.io/default-inbound-policy", "unknown default policy 'denied'"),
 ])
 def test_parse_errors_name_source_object_field(case, text, obj, field, words):
-    with pytest.raises(ConfigError) as err:
-        parse_documents(text, "p.yaml")
-    e = err.value
-    assert (e.source, e.obj, e.field) == ("p.yaml", obj, field), case
-    assert words in str(e), (case, str(e))
+    assert_config_error(lambda: parse_documents(text, "p.yaml"), "p.yaml", obj, field, words)
 
 
 @pytest.mark.parametrize("case, extra, obj, field, words", [
@@ -144,11 +132,7 @@ def test_parse_errors_name_source_object_field(case, text, obj, field, words):
      "Server demo/z-other", "spec.port", "selects port 8080 of pod demo/hello-1, which Server demo/hello-http already selects"),
 ])
 def test_cross_object_errors_name_the_offender(case, extra, obj, field, words):
-    with pytest.raises(ConfigError) as err:
-        state_of(*extra)
-    e = err.value
-    assert (e.source, e.obj, e.field) == ("p.yaml", obj, field), case
-    assert words in str(e), (case, str(e))
+    assert_config_error(lambda: state_of(*extra), "p.yaml", obj, field, words)
 
 
 def test_default_service_account_needs_no_object():
