@@ -665,6 +665,7 @@ class Exchange:
         self.target: HttpTarget = server.target
         self._kept: list[tuple[bytes, int] | list[tuple[bytes, bytes]] | None] | None = None
         self._settled = True  # this attempt's latency went to the balancer
+        self._rtt_from = 0.0  # when this attempt's request went out on a ready connection
         self._judged = True  # this attempt's verdict went to the breaker
 
     async def run(self) -> None:
@@ -787,7 +788,7 @@ class Exchange:
         except AllEjected as exc:
             raise ProxyError(503, f"{exc} for service {tgt.service.namespace}/{tgt.service.name}") from None
         self._settled = False
-        started = time.monotonic()
+        started = self._rtt_from = time.monotonic()
         labels = DstLabels(tgt.service.namespace, tgt.service.name, ep.pod, f"{tgt.service.authority}:{tgt.port.port}")
         plan = plan_for_endpoint(t.view, ep, labels, t.src_identity)
         authz = self.server.authz
@@ -825,8 +826,8 @@ class Exchange:
         """Feed the balancer the latency (once per attempt) and the breaker the verdict (once)."""
         if not self._settled:
             self._settled = True
-            now = time.monotonic()
-            est.load.finish((now - started) * 1000, now)
+            now = time.monotonic()  # from a ready connection, as http_proxy._settle explains
+            est.load.finish((now - max(started, self._rtt_from)) * 1000, now)
         if latency_only or self._judged:
             return
         self._judged = True
@@ -844,6 +845,7 @@ class Exchange:
         except DialError as exc:
             self.proxy.http.metrics.error("outbound", exc.error)
             raise ProxyError(exc.status if exc.status in (502, 504) else 502, f"endpoint {ep.namespace}/{ep.pod}: {exc}") from None
+        self._rtt_from = time.monotonic()
         up: UpStream | None = None
         feeder: asyncio.Task[None] | None = None
         try:

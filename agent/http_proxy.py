@@ -713,6 +713,7 @@ class Exchange:
         self.server = server
         self.head_sent = False
         self._settled = False
+        self._rtt_from = 0.0  # when this attempt's request went out on a ready connection (see _settle)
         self._may_retry: Callable[[], bool] | None = None
         self._prefix: list[bytes] | None = None
         self._route: str | None = None  # the matched HTTPRoute ("<namespace>/<name>"), for authorization
@@ -822,6 +823,7 @@ class Exchange:
             self._authorize(ep)
         started = time.monotonic()
         self._settled = False
+        self._rtt_from = started
         try:
             async with asyncio.timeout(attempt_timeout):
                 return await self._send(plan, ep, st, body, retry_codes, started)
@@ -839,12 +841,7 @@ class Exchange:
         if self._settled:
             return
         self._settled = True
-        now = time.monotonic()
-        st.load.finish((now - started) * 1000, now)
-        if failed:
-            st.breaker.failure()
-        else:
-            st.breaker.success()
+        _settle(st, max(started, self._rtt_from), failed)
 
     async def _send(self, plan: Plan, ep: Endpoint, st: EndpointState, body: list[bytes] | None,
                     retry_codes: frozenset[int], started: float) -> tuple[int, bool]:
@@ -857,6 +854,7 @@ class Exchange:
             self._settle(st, started, failed=not denied)
             self.proxy.metrics.error("outbound", exc.error)
             raise ProxyError(exc.status if exc.status in (403, 502, 504) else 502, f"endpoint {ep.namespace}/{ep.pod}: {exc}") from None
+        self._rtt_from = time.monotonic()  # see _settle: the endpoint's latency starts on a ready connection
         ok = False
         try:
             head_fut = conn.start(head.method == b"HEAD")
@@ -952,6 +950,10 @@ def _authorize(t: HttpTarget, ep: Endpoint, route: str | None) -> Subject:
 
 
 def _settle(st: EndpointState, started: float, failed: bool) -> None:
+    """Feed the balancer the endpoint's latency and the breaker its verdict. Callers pass the time
+    the request went out on a ready connection (as tower's PeakEwma measures it): a connect or an
+    mTLS tunnel handshake is not the endpoint's latency, and with a 10 s decay one slow first dial
+    would keep an endpoint looking slow for seconds."""
     now = time.monotonic()
     st.load.finish((now - started) * 1000, now)
     if failed:
@@ -1029,6 +1031,7 @@ class _Direct:
             server.proxy.metrics.error("outbound", exc.error)
             self._answer(exc.status if exc.status in (403, 502, 504) else 502, f"endpoint {ep.namespace}/{ep.pod}: {exc}")
             return
+        self.t0 = time.monotonic()  # see _settle: the endpoint's latency starts on a ready connection
         if self.done:  # the client left while dialing: keep the fresh connection for the next one
             conn.reusable = True
             server.proxy.pool.release(conn)

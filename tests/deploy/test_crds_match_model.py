@@ -81,6 +81,18 @@ def _parametrized_strings() -> Iterator[tuple[str, str]]:
                             yield f"{fn_name}[{case[0]}]", text
 
 
+def _builder_strings() -> Iterator[tuple[str, str]]:
+    """What tests/objects_yaml.py's policy builders produce, in each shape the tests use them
+    (their f-strings are not literals the harvest above can read)."""
+    from tests import objects_yaml as y
+
+    yield "tests/objects_yaml.py:server", y.server("echo", "echo", "echo")
+    yield "tests/objects_yaml.py:server", y.server("echo-http", "echo", 8080, protocol="HTTP/1", access_policy="deny")
+    yield "tests/objects_yaml.py:allow_account", y.allow_account("allow-client", "Server", "echo", "client")
+    yield "tests/objects_yaml.py:allow_account", y.allow_account("other-on-health", "HTTPRoute", "health", "other",
+                                                                 target_group="gateway.networking.k8s.io")
+
+
 def harvested() -> list[tuple[str, dict[str, Any]]]:
     found: list[tuple[str, dict[str, Any]]] = []
     files = [*glob.glob(os.path.join(ROOT, "deploy", "examples", "*.yaml")),
@@ -94,7 +106,7 @@ def harvested() -> list[tuple[str, dict[str, Any]]]:
             continue  # our own refusal table below is not a corpus of objects the model accepts
         for text in _python_strings(path):
             found += [(os.path.relpath(path, ROOT), d) for d in _yaml_policies(text)]
-    for where, text in _parametrized_strings():
+    for where, text in [*_parametrized_strings(), *_builder_strings()]:
         found += [(where, d) for d in _yaml_policies(text)]
     return found
 

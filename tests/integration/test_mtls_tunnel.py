@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 from cryptography.hazmat.primitives import serialization
 
 from nodemesh import spiffe, tlsctx
@@ -27,20 +26,14 @@ from nodemesh.agent.tunnel import sni_name
 from nodemesh.controller.ca import CertificateAuthority, new_issuer, new_trust_anchor
 from nodemesh.nodeconfig import Endpoint, NodeConfig, NodeInfo, ServicePortView, ServiceView, WorkloadPod
 
+from .loopback import run
+
 pytestmark = pytest.mark.timeout(20)
-T = TypeVar("T")
 TD = "cluster.local"
 CLIENT_IP, ECHO2_IP = "127.0.1.20", "127.0.2.11"
 VIP = "10.96.0.30"
 CLIENT_ID = spiffe.workload_id(TD, "default", "client")
 ECHO_ID = spiffe.workload_id(TD, "default", "echo")
-
-
-def run(fn: Callable[[], Awaitable[T]], budget: float = 10.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(fn(), budget)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-        return r.run(bounded())
 
 
 class Echo(asyncio.Protocol):
