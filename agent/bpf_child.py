@@ -43,7 +43,7 @@ class Loaded:
 def _args_of(progs: RedirectPrograms) -> dict[str, Any]:
     return {"cgroup_path": progs.cgroup_path, "proxy_ip": progs.proxy_ip, "proxy_port": progs.proxy_port,
             "exempt_cgroup_paths": list(progs.exempt_cgroup_paths), "pin_dir": progs.pin_dir,
-            "shortcut": progs.shortcut, "splice": progs.splice_allowed}
+            "shortcut": progs.shortcut, "splice": progs.splice_allowed, "spread_ports": list(progs.spread_ports)}
 
 
 def load_pinned(progs: RedirectPrograms) -> Loaded:

@@ -72,6 +72,8 @@ SPLICE_PROGRAM = "nm_splice"  # sk_skb stream verdict, attached to the splice_ha
 SPLICE_HASH = "splice_hash"
 
 MESHED_CAPACITY = 16384  # max_entries of meshed_dsts in maps.h
+PROXY_PORTS_MAX = 16  # NM_PROXY_PORTS_MAX: proxy_addr entries
+SET_PROXY_PORTS = 2  # NM_SET_PROXY_PORTS: the nm_settings index of how many are in use
 
 # The maps user space reads or writes, as bpf_maps struct formats (key, value) of bpf/include/maps.h.
 # nm_addr4 / nm_tuple_key = "=IHH" (ip4, port, _pad); nm_sock_key = "=IIII"; sockhash values = a socket fd.
@@ -256,10 +258,16 @@ class RedirectPrograms:
         pin_dir: str | None = None,
         shortcut: bool = True,
         splice: bool = True,
+        spread_ports: Sequence[int] = (),
     ) -> None:
         self.cgroup_path = cgroup_path
         self.proxy_ip = str(ipaddress.IPv4Address(proxy_ip))
         self.proxy_port = _check_port(proxy_port, allow_zero=False)
+        # More outbound listener ports: connect4 spreads original destinations over all of them
+        # (bpf/connect.c says why). The proxy must listen on each before load().
+        self.spread_ports = tuple(_check_port(p, allow_zero=False) for p in spread_ports)
+        if len(self.spread_ports) + 1 > PROXY_PORTS_MAX or self.proxy_port in self.spread_ports:
+            raise ValueError(f"spread ports {self.spread_ports}: at most {PROXY_PORTS_MAX - 1}, none equal to {self.proxy_port}")
         self.exempt_cgroup_paths = tuple(exempt_cgroup_paths)
         self.pin_dir = pin_dir or None
         self.shortcut = shortcut
@@ -589,7 +597,12 @@ class RedirectPrograms:
                 )
 
     def _fill_config(self) -> None:
-        self._map("proxy_addr").put(0, (_ip_net_u32(self.proxy_ip), socket.htons(self.proxy_port), 0))
+        proxy = self._map("proxy_addr")
+        ports = (self.proxy_port, *self.spread_ports)
+        for slot in range(PROXY_PORTS_MAX):  # unused slots zeroed: adopted pins may hold more ports
+            port = ports[slot] if slot < len(ports) else 0
+            proxy.put(slot, (_ip_net_u32(self.proxy_ip) if port else 0, socket.htons(port), 0))
+        self._map("nm_settings").put(SET_PROXY_PORTS, len(ports))
         exempt = self._map("exempt_cgroups")
         exempt.clear()  # adopted pins may hold a previous agent's cgroup ids
         for path in self.exempt_cgroup_paths:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nodemesh.nodeconfig import ADMIN_PORT, CAPTURE_PORT, CONTROLLER_PORT, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT
+from nodemesh.nodeconfig import ADMIN_PORT, CAPTURE_PORT, CONTROLLER_PORT, INBOUND_PORT, OUTBOUND_PORT, OUTBOUND_SPREAD_PORTS, TUNNEL_PORT
 
 REDIRECT_MODES = ("auto", "bpf", "iptables")
 
@@ -42,6 +42,11 @@ class AgentConfig:
 
     outbound_port: int = OUTBOUND_PORT
     """Outbound listener port: the redirect target of connect4."""
+
+    outbound_spread_ports: tuple[int, ...] = OUTBOUND_SPREAD_PORTS
+    """BPF mode: more outbound listener ports; connect4 sends each original destination to one of
+    them (by hash), so a pod's redirected connections do not all share one remote (ip, port) and
+    its ephemeral ports do not run out on TIME_WAITs. () = the outbound port only."""
 
     inbound_port: int = INBOUND_PORT
     """Inbound listener port (node-to-node tunnel handshake, plaintext for now)."""

@@ -26,7 +26,9 @@ nothing forwarded; errors the proxy answers itself carry `l5d-proxy-error: <reas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +59,7 @@ HEADER_TIMEOUT = 10.0  # s to receive a whole request head once its first byte a
 IDLE_TIMEOUT = 60.0  # s a keep-alive client connection may sit without a request
 POOL_IDLE_MAX = 256  # idle upstream connections kept per endpoint (≥ the concurrency a node sees)
 BUFFER_HIGH = 256 * 1024  # body bytes queued before the sender is paused
+CORK_MAX_BODY = 64 * 1024  # see Http1Server.cork_until_close
 ERROR_HEADER = b"l5d-proxy-error"
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
@@ -646,6 +649,20 @@ class Http1Server(asyncio.Protocol):
         self.stats.add_write(len(data))
         self.transport.write(data)
 
+    def cork_until_close(self, content_length: int | None) -> None:
+        """A response after which this connection closes: hold its tail (TCP_CORK) so the FIN
+        leaves in the same segment as the last bytes. Otherwise a client that closes as soon as
+        it has the body (wrk, most HTTP/1.0 clients) closes first and keeps the TIME_WAIT, and its
+        ephemeral ports towards the proxy's few listener ports run out (measured: new
+        connections/s fell from 3.8k to 0.3k within 10 s). Only for a small known length: a
+        long or streamed body must not wait on the cork (up to 200 ms per partial segment)."""
+        if content_length is None or content_length > CORK_MAX_BODY:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
     def _refuse(self, status: int, reason: str) -> None:
         """Answer a refused message and close: nothing of it went upstream (smuggling defence)."""
         log.info("outbound http from %s refused with %d: %s", self.target.source_ip, status, reason)
@@ -909,6 +926,8 @@ class Exchange:
         no_body = self.req.head.method == b"HEAD" or resp.status in (204, 304)
         chunked = not no_body and resp.content_length is None
         close = not self.req.head.keep_alive or server.eof
+        if close:
+            server.cork_until_close(0 if no_body else resp.content_length)
         server._write(encode_response_head(resp.status, resp.reason, resp.headers, resp.content_length, chunked, close))
         self.head_sent = True
         assert conn.body is not None
@@ -1055,6 +1074,8 @@ class _Direct:
         self.chunked = not no_body and resp.content_length is None
         self.close = not head.keep_alive or self.server.eof
         self.pending = encode_response_head(resp.status, resp.reason, resp.headers, resp.content_length, self.chunked, self.close)
+        if self.close:
+            self.server.cork_until_close(0 if no_body else resp.content_length)
 
     def resp_body(self, data: bytes) -> None:
         if not data or self.done:

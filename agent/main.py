@@ -22,6 +22,7 @@ import uvloop
 
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import CONTENT_TYPE
+from nodemesh.agent.outbound import OutboundConnection
 from nodemesh.agent.proxy import NodeProxy
 from nodemesh.errors import NodemeshError, PreflightError
 
@@ -123,6 +124,9 @@ async def serve(cfg: AgentConfig) -> None:
             if identity is not None:  # before start(): remote plans go through mTLS tunnels only
                 await proxy.enable_mtls(identity, (cfg.inbound_bind_ip, cfg.tunnel_port))
             await proxy.start((cfg.proxy_ip, cfg.outbound_port), (cfg.inbound_bind_ip, cfg.inbound_port))
+            if progs is not None:  # connect4 spreads destinations over these too (bpf/connect.c)
+                for port in cfg.outbound_spread_ports:
+                    await proxy.listen_extra(OutboundConnection, (cfg.proxy_ip, port))
             if nat is not None:
                 from nodemesh.agent.capture import CapturedConnection, CaptureStats
 
@@ -130,7 +134,9 @@ async def serve(cfg: AgentConfig) -> None:
                 proxy.metrics.registry.register(captured)
                 await proxy.listen_extra(lambda ctx: CapturedConnection(ctx, captured), (cfg.proxy_ip, cfg.capture_port))
         except OSError as exc:
-            raise AgentStartError(f"cannot listen on {cfg.proxy_ip}:{cfg.outbound_port} / {cfg.inbound_bind_ip}:{cfg.inbound_port}: {exc.strerror or exc}") from exc
+            raise AgentStartError(f"cannot listen on {cfg.proxy_ip}:{cfg.outbound_port} (and spread ports "
+                                  f"{','.join(map(str, cfg.outbound_spread_ports)) or 'none'}) / "
+                                  f"{cfg.inbound_bind_ip}:{cfg.inbound_port}: {exc.strerror or exc}") from exc
 
         # The stream treats an exception from on_config as "this config rejected, keep the last".
         on_config = identity.wrap(proxy.apply_config) if identity is not None else proxy.apply_config

@@ -38,7 +38,8 @@ def choose_redirect(cfg: AgentConfig) -> tuple[RedirectPrograms | None, NatCaptu
 
     exempt = (cfg.agent_cgroup_path,) if cfg.agent_cgroup_path else ()
     progs = RedirectPrograms(cfg.cgroup_path, cfg.proxy_ip, cfg.outbound_port, exempt_cgroup_paths=exempt,
-                             pin_dir=cfg.bpf_pin_dir or None, shortcut=cfg.sockmap, splice=cfg.splice)
+                             pin_dir=cfg.bpf_pin_dir or None, shortcut=cfg.sockmap, splice=cfg.splice,
+                             spread_ports=cfg.outbound_spread_ports)
     try:
         progs.load()
     except BpfUnavailable as exc:

@@ -225,20 +225,26 @@ def agent() -> None:
 @click.option("--trust-anchor", default="", help="PEM trust bundle of the mesh CA: enables the mTLS stream, certificates and tunnels.")
 @click.option("--trust-domain", default="cluster.local", show_default=True)
 @click.option("--identity-dir", default="", help="Keeps the node key/certificate across restarts (the token is single use).")
+@click.option("--outbound-spread", type=click.IntRange(0, 15), default=15, show_default=True,
+              help="BPF mode: extra outbound listener ports (4150 up); connect4 sends each original destination to one "
+              "of them, so a pod's connections through the proxy do not all share one remote address and port.")
 @friendly_errors
 def agent_run(node: str, controller_addr: tuple[str, int], token_file: str, cgroup_path: str, agent_cgroup_path: str,
               proxy_ip: str, inbound_ip: str, admin: tuple[str, int], no_bpf: bool, bpf_pin_dir: str | None, sockmap: bool,
-              trust_anchor: str, trust_domain: str, identity_dir: str, redirect: str = "auto", no_capture: bool = False, splice: bool = False) -> None:
+              trust_anchor: str, trust_domain: str, identity_dir: str, redirect: str = "auto", no_capture: bool = False, splice: bool = False,
+              outbound_spread: int = 15) -> None:
     """Run the node agent: BPF redirect, node proxy, config stream, admin."""
     from nodemesh.agent.bpf_pins import default_pin_dir
     from nodemesh.agent.config import AgentConfig
     from nodemesh.agent.main import run
+    from nodemesh.nodeconfig import OUTBOUND_SPREAD_PORTS
 
     pin_dir = default_pin_dir(node) if bpf_pin_dir is None else bpf_pin_dir
     run(AgentConfig(node=node, controller=controller_addr, token_file=token_file, cgroup_path=cgroup_path,
                     agent_cgroup_path=agent_cgroup_path, proxy_ip=proxy_ip, inbound_ip=inbound_ip, admin=admin, bpf=not no_bpf,
                     bpf_pin_dir=pin_dir, sockmap=sockmap, trust_anchor_file=trust_anchor, trust_domain=trust_domain,
-                    identity_dir=identity_dir, redirect=redirect, capture=not no_capture, splice=splice))
+                    identity_dir=identity_dir, redirect=redirect, capture=not no_capture, splice=splice,
+                    outbound_spread_ports=OUTBOUND_SPREAD_PORTS[:outbound_spread]))
 
 
 # ---------------------------------------------------------------------------------------------

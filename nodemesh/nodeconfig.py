@@ -11,6 +11,7 @@ from typing import Any
 
 OUTBOUND_PORT = 4140
 INBOUND_PORT = 4143
+OUTBOUND_SPREAD_PORTS = tuple(range(4150, 4165))  # BPF mode: more outbound listeners, one per destination hash (bpf/connect.c)
 CAPTURE_PORT = 4145  # node proxy: connections to local meshed pods that bypassed the mesh (DNAT target)
 TUNNEL_PORT = 15008
 ADMIN_PORT = 4191

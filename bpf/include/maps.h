@@ -87,9 +87,13 @@ struct nm_sock_key {
 #define NM_CNT_MAX              12
 
 /* Indexes of nm_settings (bpf_loader writes them at load). */
-#define NM_SET_SHORTCUT 0  /* 1 = sock_ops adds pod<->proxy sockets to sock_hash (sockmap shortcut) */
-#define NM_SET_SPLICE   1  /* 1 = the agent splices new same-node L4 connections (read by user space only) */
-#define NM_SET_MAX      2
+#define NM_SET_SHORTCUT    0  /* 1 = sock_ops adds pod<->proxy sockets to sock_hash (sockmap shortcut) */
+#define NM_SET_SPLICE      1  /* 1 = the agent splices new same-node L4 connections (read by user space only) */
+#define NM_SET_PROXY_PORTS 2  /* how many proxy_addr entries connect4 spreads destinations over (0/1 = entry 0) */
+#define NM_SET_MAX         3
+
+/* Outbound listener ports connect4 may pick from (proxy_addr entries). */
+#define NM_PROXY_PORTS_MAX 16
 
 /* writer: agent (set_meshed) | reader: connect4. A plain hash, never LRU:
  * evicting an entry would silently un-mesh a destination. Value unused (1). */
@@ -99,8 +103,9 @@ NM_TABLE("hash", struct nm_addr4, __u32, meshed_dsts, 16384);
  * Key = cgroup id (inode of the cgroup v2 directory); exact match, not inherited. */
 NM_TABLE("hash", __u64, __u32, exempt_cgroups, 64);
 
-/* writer: agent (load) | reader: connect4, sock_ops. Index 0 = the node proxy's outbound listener. */
-NM_TABLE("array", int, struct nm_addr4, proxy_addr, 1);
+/* writer: agent (load) | reader: connect4, sock_ops. The node proxy's outbound listeners: index 0
+ * the main one (4140), then the spread ports (nm_settings[NM_SET_PROXY_PORTS] entries in use). */
+NM_TABLE("array", int, struct nm_addr4, proxy_addr, NM_PROXY_PORTS_MAX);
 
 /* writer: agent (load) | reader: sock_ops. NM_SET_* switches. */
 NM_TABLE("array", int, __u32, nm_settings, NM_SET_MAX);

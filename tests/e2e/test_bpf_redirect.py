@@ -432,3 +432,39 @@ def test_full_meshed_map_is_counted_and_logged_not_a_crash(progs, caplog: pytest
     assert len(keys) == MESHED_CAPACITY
     progs.set_meshed(vips)  # back under the limit: nothing dropped
     assert progs.counters()["meshed_dsts_dropped"] == 0
+
+
+def test_destinations_spread_over_the_proxy_ports(topo, progs, proxy) -> None:
+    """With spread ports, each original destination always lands on the same one of the proxy's
+    listeners (so a pod's redirected sockets do not all share one remote ip:port), and every one
+    of them still recovers its original destination."""
+    from nodemesh.agent.bpf_loader import RedirectPrograms
+
+    progs.close()  # reload the same topology with four listeners
+    extra = [Listener(f"spread{i}", lookup=None).start() for i in range(3)]
+    spread = RedirectPrograms(topo.node_cg, HOST_IP, proxy.port, exempt_cgroup_paths=[topo.exempt_cg],
+                              spread_ports=[x.port for x in extra])
+    try:
+        for x in extra:
+            x.lookup = spread.lookup_original_dst
+        proxy.lookup = spread.lookup_original_dst
+        spread.load()
+        spread.set_meshed([(GHOST_IP, 0)])
+        targets = [(GHOST_IP, 20000 + i) for i in range(40)]
+        first = run_client(topo.pod_cg, targets)
+        again = run_client(topo.pod_cg, targets)
+        names = {"proxy", *(x.name for x in extra)}
+        assert all(r.get("answer") in names for r in first + again), (first + again)[:3]
+        assert [r["answer"] for r in first] == [r["answer"] for r in again]  # one listener per destination
+        assert len({r["answer"] for r in first}) >= 3, {r["answer"] for r in first}  # 40 destinations, 4 ports
+        accepted = [a for x in (proxy, *extra) for a in wait_accepted(x, 0)]
+        assert len(accepted) == 2 * len(targets)
+        assert all(a.orig is not None and a.claimed == f"{a.orig[0]}:{a.orig[1]}" for a in accepted)
+        # dialing a spread listener itself is not redirected (the proxy is never a destination)
+        spread.set_meshed([(GHOST_IP, 0), (HOST_IP, 0)])
+        [direct] = run_client(topo.pod_cg, [(HOST_IP, extra[0].port)])
+        assert direct.get("answer") == extra[0].name, direct
+    finally:
+        spread.close()
+        for x in extra:
+            x.stop()

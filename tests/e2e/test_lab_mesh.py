@@ -187,3 +187,41 @@ def test_bad_apply_changes_nothing(running_lab: dict, tmp_path) -> None:
     assert out.returncode == 2
     assert str(bad) in out.stderr and "Pod demo/stray" in out.stderr and "spec.nodeName" in out.stderr
     assert "demo/stray" not in lab.require_up().pods
+
+
+# Closes each connection the moment it has the whole body, as wrk and most HTTP/1.0 clients do.
+CLOSE_AT_ONCE = r"""
+import socket, sys, threading
+host, n = sys.argv[1], int(sys.argv[2])
+def worker():
+    for _ in range(n):
+        s = socket.create_connection((host, 80))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hello\r\nConnection: close\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += s.recv(65536)
+        s.close()
+threads = [threading.Thread(target=worker) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def time_waits(netns: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htan", "state", "time-wait"], capture_output=True, text=True, check=True)
+    return len(out.stdout.splitlines())
+
+
+def test_proxy_closes_first_after_a_connection_close_response(running_lab: dict) -> None:
+    """The FIN rides with the last bytes of a `Connection: close` response, so the proxy, not the
+    pod, keeps the TIME_WAIT: otherwise a pod's ephemeral ports towards the proxy run out within
+    seconds of short connections (measured with wrk: 3.8k new connections/s fell to 0.3k)."""
+    netns = next(p["netns"] for p in running_lab["pods"] if p["name"] == "client")
+    before = time_waits(netns)
+    proc = pod_exec("client", "python3", "-c", CLOSE_AT_ONCE, "10.96.0.10", "100")
+    assert proc.returncode == 0, proc.stderr.decode()[-800:]
+    assert time_waits(netns) - before < 40  # of 400 connections (without the fix: nearly all)
