@@ -413,15 +413,8 @@ class H2Upstream(H2Peer):
             if st is not None and not st.response.done():
                 st.head_ended = ev.stream_ended is not None
                 st.response.set_result(list(ev.headers))
-        elif isinstance(ev, h2.events.DataReceived):
-            if st is not None:
-                st.body.data(ev.data, ev.flow_controlled_length)
-        elif isinstance(ev, h2.events.TrailersReceived):
-            if st is not None:
-                st.body.trailers(list(ev.headers))
-        elif isinstance(ev, h2.events.StreamEnded):
-            if st is not None:
-                st.body.end()
+        elif feed_body(ev, st):
+            pass
         elif isinstance(ev, h2.events.StreamReset):
             if st is not None:
                 st.fail(ProxyError(502, f"upstream {self.name} reset the stream ({_code_name(ev.error_code)})"))
@@ -539,6 +532,23 @@ class H2Pool:
 # ---- the client side ---------------------------------------------------------------------------
 
 
+def feed_body(ev: h2.events.Event, st: UpStream | ClientStream | None) -> bool:
+    """DATA, trailers and END_STREAM go into the stream's Body alike on both sides (nowhere once
+    the stream is forgotten). True when `ev` was one of them."""
+    if isinstance(ev, h2.events.DataReceived):
+        if st is not None:
+            st.body.data(ev.data, ev.flow_controlled_length)
+    elif isinstance(ev, h2.events.TrailersReceived):
+        if st is not None:
+            st.body.trailers(list(ev.headers))
+    elif isinstance(ev, h2.events.StreamEnded):
+        if st is not None:
+            st.body.end()
+    else:
+        return False
+    return True
+
+
 class ClientStream:
     __slots__ = ("id", "headers", "body", "task")
 
@@ -576,15 +586,8 @@ class H2Server(H2Peer):
         if isinstance(ev, h2.events.RequestReceived):
             st = self.streams[ev.stream_id] = ClientStream(ev.stream_id, list(ev.headers))
             st.task = asyncio.get_running_loop().create_task(Exchange(self.proxy, self, st).run())
-        elif isinstance(ev, h2.events.DataReceived):
-            if st is not None:
-                st.body.data(ev.data, ev.flow_controlled_length)
-        elif isinstance(ev, h2.events.TrailersReceived):
-            if st is not None:
-                st.body.trailers(list(ev.headers))
-        elif isinstance(ev, h2.events.StreamEnded):
-            if st is not None:
-                st.body.end()
+        elif feed_body(ev, st):
+            pass
         elif isinstance(ev, h2.events.StreamReset):
             self.forget_stream(ev.stream_id)
             if st is not None:

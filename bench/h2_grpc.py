@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 from typing import Any
 
 from bench.configs import RESPONSE_BODY, _global, _nginx
-from bench.procstat import pin
+from bench.loopback_peers import loopback_peers
 
 HOST = "127.0.9.2"
 NGINX_PORT, HAPROXY_PORT, PROXY_PORT = 18482, 17482, 14142
@@ -96,55 +93,21 @@ def run_h2load(port: int, requests: int, shape: str, datafile: str) -> dict[str,
     return parse_h2load(out.stdout)
 
 
-def _wait_port(port: int) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port}")
-
-
 def bench(requests: int, rounds: int) -> dict[str, Any]:
     for tool in ("h2load", "haproxy", "nginx", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (scripts/setup.sh installs the bench tools)")
-    procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    with tempfile.TemporaryDirectory(prefix="nm-h2-bench-") as d:
-        os.makedirs(f"{d}/tmp")
+    paths = {"direct": NGINX_PORT, "haproxy": HAPROXY_PORT, "nodemesh": PROXY_PORT}
+    with loopback_peers("nm-h2-bench-", nginx_conf, haproxy_conf, [[PROXY_MAIN, str(PROXY_PORT)]], HOST, paths.values()) as d:
         datafile = f"{d}/msg.bin"
         with open(datafile, "wb") as f:
             f.write(b"\x00\x00\x00\x00\x05hello")
-        try:
-            for name, text in (("nginx.conf", nginx_conf(d)), ("haproxy.cfg", haproxy_conf(d))):
-                with open(f"{d}/{name}", "w") as f:
-                    f.write(text)
-            procs.append(subprocess.Popen(["nginx", "-p", d, "-c", f"{d}/nginx.conf"]))
-            procs.append(subprocess.Popen(["haproxy", "-db", "-f", f"{d}/haproxy.cfg"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            procs.append(subprocess.Popen([sys.executable, "-c", PROXY_MAIN, str(PROXY_PORT)], stdout=subprocess.PIPE))
-            paths = {"direct": NGINX_PORT, "haproxy": HAPROXY_PORT, "nodemesh": PROXY_PORT}
-            for port in paths.values():
-                _wait_port(port)
-            pin([p.pid for p in procs], 1)
-            for shape in ("plain", "grpc"):
-                run_h2load(PROXY_PORT, 500, shape, datafile)  # warm-up (pools, detection)
-                for _ in range(rounds):
-                    for path, port in paths.items():
-                        results.setdefault(shape, {}).setdefault(path, []).append(run_h2load(port, requests, shape, datafile))
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        for shape in ("plain", "grpc"):
+            run_h2load(PROXY_PORT, 500, shape, datafile)  # warm-up (pools, detection)
+            for _ in range(rounds):
+                for path, port in paths.items():
+                    results.setdefault(shape, {}).setdefault(path, []).append(run_h2load(port, requests, shape, datafile))
     summary: dict[str, Any] = {}
     for shape, by_path in results.items():
         for path, runs in by_path.items():

@@ -25,14 +25,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 import timeit
 from typing import Any
 
 from bench.configs import RESPONSE_BODY, _global, _nginx
 from bench.parse import wrk as parse_wrk
-from bench.procstat import pin
+from bench.loopback_peers import loopback_peers
 
 HOST = "127.0.9.1"
 NGINX_PORT, HAPROXY_PORT, PROXY_PORT = 18480, 17480, 14140
@@ -79,19 +77,6 @@ uvloop.run(main())
 """
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout}s")
-
-
 def run_wrk(port: int, seconds: float, conns: int) -> dict[str, Any]:
     argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", f"http://{HOST}:{port}/"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
@@ -103,38 +88,19 @@ def http_bench(seconds: float, rounds: int, compare_with: str | None = None) -> 
     for tool in ("wrk", "haproxy", "nginx", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (scripts/setup.sh installs the bench tools)")
-    procs: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="nm-l7-bench-") as d:
-        os.makedirs(f"{d}/tmp")
-        try:
-            for name, text in (("nginx.conf", nginx_conf(d)), ("haproxy.cfg", haproxy_conf(d))):
-                with open(f"{d}/{name}", "w") as f:
-                    f.write(text)
-            procs.append(subprocess.Popen(["nginx", "-p", d, "-c", f"{d}/nginx.conf"]))
-            procs.append(subprocess.Popen(["haproxy", "-db", "-f", f"{d}/haproxy.cfg"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            procs.append(subprocess.Popen([sys.executable, "-c", PROXY_MAIN, str(PROXY_PORT)], stdout=subprocess.PIPE))
-            paths = {"direct": NGINX_PORT, "haproxy": HAPROXY_PORT, "nodemesh": PROXY_PORT}
-            if compare_with is not None:
-                procs.append(subprocess.Popen([sys.executable, "-c", PROXY_MAIN, str(PROXY_PORT + 1), compare_with], stdout=subprocess.PIPE))
-                paths["nodemesh_before"] = PROXY_PORT + 1
-            for port in paths.values():
-                _wait_port(port)
-            pin([p.pid for p in procs], 1)
-            samples: dict[str, dict[int, list[dict[str, Any]]]] = {k: {1: [], 50: []} for k in paths}
-            for path, port in paths.items():  # warm-up (pool, EWMA, caches)
-                run_wrk(port, 1, 10)
-            for _ in range(rounds):
-                for conns in (1, 50):
-                    for path, port in paths.items():
-                        samples[path][conns].append(run_wrk(port, seconds, conns))
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    paths = {"direct": NGINX_PORT, "haproxy": HAPROXY_PORT, "nodemesh": PROXY_PORT}
+    proxies = [[PROXY_MAIN, str(PROXY_PORT)]]
+    if compare_with is not None:
+        proxies.append([PROXY_MAIN, str(PROXY_PORT + 1), compare_with])
+        paths["nodemesh_before"] = PROXY_PORT + 1
+    with loopback_peers("nm-l7-bench-", nginx_conf, haproxy_conf, proxies, HOST, paths.values()):
+        samples: dict[str, dict[int, list[dict[str, Any]]]] = {k: {1: [], 50: []} for k in paths}
+        for path, port in paths.items():  # warm-up (pool, EWMA, caches)
+            run_wrk(port, 1, 10)
+        for _ in range(rounds):
+            for conns in (1, 50):
+                for path, port in paths.items():
+                    samples[path][conns].append(run_wrk(port, seconds, conns))
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     out: dict[str, Any] = {}
     for path in samples:

@@ -19,7 +19,7 @@ import yaml
 from nodemesh.errors import ConfigError
 from nodemesh.model import DEFAULT_TRUST_DOMAIN, ClusterState, ObjectKey, key_of, parse_object
 
-from nodemesh.controller.state_merge import RejectionLog, Signature, SourceObjects, merge_sources
+from nodemesh.controller.state_merge import Signature, SourceObjects, StateSource, merge_sources
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _scan(path: str) -> dict[str, Signature]:
     return out
 
 
-class DirSource(RejectionLog):
+class DirSource(StateSource):
     """Re-reads a directory on change and reports each new valid state.
 
     Change detection polls (name, mtime_ns, size, inode) every `interval` seconds: dependency-free
@@ -92,11 +92,9 @@ class DirSource(RejectionLog):
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         interval: float = POLL_INTERVAL,
     ) -> None:
-        self.path, self.trust_domain, self.interval = path, trust_domain, interval
-        self._on_state = on_state
-        super().__init__()
+        super().__init__(on_state, trust_domain)
+        self.path, self.interval = path, interval
         self._files: dict[str, SourceObjects] = {}
-        self.state: ClusterState | None = None
 
     def refresh(self) -> bool:
         """Checks the directory once; returns True if a new state was delivered."""
@@ -110,13 +108,7 @@ class DirSource(RejectionLog):
         self._files = {p: self._files[p] if p in self._files and self._files[p].signature == s
                        else _parse_file(p, s, self._files.get(p))
                        for p, s in sigs.items()}
-        state, errors = merge_sources(self._files, self.trust_domain)
-        self._report(errors)
-        if state == self.state:
-            return False
-        self.state = state
-        self._on_state(state)
-        return True
+        return self._publish(self._files)
 
     async def run(self) -> None:
         """Polls until cancelled. Reading is synchronous: a lab directory is a few small files."""

@@ -28,7 +28,7 @@ from kubernetes.client.rest import ApiException
 from nodemesh.errors import ConfigError
 from nodemesh.model import DEFAULT_TRUST_DOMAIN, SUPPORTED_KINDS, ClusterState, Object, ObjectKey, key_of, parse_object
 
-from nodemesh.controller.state_merge import RejectionLog, SourceObjects, merge_sources
+from nodemesh.controller.state_merge import SourceObjects, StateSource
 from nodemesh.controller.k8s_resources import WatchedKind, admit, raw_key, watched_kinds
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,14 @@ def _retry_after(exc: ApiException) -> float | None:
         return None
 
 
-class KubeSource(RejectionLog):
+class KubeSource(StateSource):
     """Feeds `on_state` with the cluster state the API server describes (same contract as DirSource)."""
 
     def __init__(self, api: k8s.ApiClient, on_state: Callable[[ClusterState], Any],
                  trust_domain: str = DEFAULT_TRUST_DOMAIN, watch_seconds: int = WATCH_SECONDS,
                  kinds: tuple[WatchedKind, ...] | None = None, backoff: Callable[[], Backoff] = Backoff) -> None:
-        super().__init__()
-        self.api, self.trust_domain = api, trust_domain
-        self._on_state = on_state
+        super().__init__(on_state, trust_domain)
+        self.api = api
         self.kinds = kinds if kinds is not None else watched_kinds(SUPPORTED_KINDS)
         self.reflectors = [Reflector(wk, list_function(api, wk), self, watch_seconds, backoff()) for wk in self.kinds]
         self._lock = threading.Lock()
@@ -222,7 +221,6 @@ class KubeSource(RejectionLog):
         self._last_good: dict[ObjectKey, Object] = {}
         self._threads: list[threading.Thread] = []
         self._wakeup = asyncio.Event()
-        self.state: ClusterState | None = None
 
     # Reflector side (any thread) -----------------------------------------------------------
 
@@ -282,14 +280,10 @@ class KubeSource(RejectionLog):
                         res.objects[key_of(old)] = old
                 elif parsed is not None:
                     res.objects[key_of(parsed)] = parsed
-        state, errors = merge_sources(results, self.trust_domain)
-        self._last_good = dict(state.objects)
-        self._report(errors)
-        if state == self.state:
-            return False
-        self.state = state
-        self._on_state(state)
-        return True
+        delivered = self._publish(results)
+        assert self.state is not None
+        self._last_good = dict(self.state.objects)  # the merged state (an equal one if unchanged)
+        return delivered
 
     def _parse(self, wk: WatchedKind, obj: dict[str, Any], source: str) -> tuple[Object | None, ConfigError | None]:
         doc, why = admit(wk, obj)

@@ -18,29 +18,27 @@ from nodemesh.policy_model import DEFAULT_POLICY_ANNOTATION, INBOUND_MODE_ANNOTA
 from nodemesh.controller.discovery import _meshed_pods_with_ip
 
 
-def default_policy(state: ClusterState, pod: Pod, cluster_default: str) -> tuple[str, str]:
-    """(policy name, where it came from) for `pod`."""
-    value = pod.annotations.get(DEFAULT_POLICY_ANNOTATION)
+def _annotation(state: ClusterState, pod: Pod, key: str, fallback: tuple[str, str]) -> tuple[str, str]:
+    """(value, where it came from): `key` on the pod, then on its namespace, else `fallback`."""
+    value = pod.annotations.get(key)
     if value:
         return value, f"annotation on pod {pod.namespace}/{pod.name}"
     ns = state.get("Namespace", "", pod.namespace)
-    value = ns.annotations.get(DEFAULT_POLICY_ANNOTATION) if ns is not None else None
+    value = ns.annotations.get(key) if ns is not None else None
     if value:
         return value, f"annotation on namespace {pod.namespace}"
-    return cluster_default, "cluster default"
+    return fallback
+
+
+def default_policy(state: ClusterState, pod: Pod, cluster_default: str) -> tuple[str, str]:
+    """(policy name, where it came from) for `pod`."""
+    return _annotation(state, pod, DEFAULT_POLICY_ANNOTATION, (cluster_default, "cluster default"))
 
 
 def inbound_mode(state: ClusterState, pod: Pod) -> tuple[str, str]:
     """(strict|permissive, where it came from): the pod's `config.nodemesh.io/inbound-mode`
     annotation, then its namespace's, then permissive (Linkerd's default)."""
-    value = pod.annotations.get(INBOUND_MODE_ANNOTATION)
-    if value:
-        return value, f"annotation on pod {pod.namespace}/{pod.name}"
-    ns = state.get("Namespace", "", pod.namespace)
-    value = ns.annotations.get(INBOUND_MODE_ANNOTATION) if ns is not None else None
-    if value:
-        return value, f"annotation on namespace {pod.namespace}"
-    return "permissive", "default"
+    return _annotation(state, pod, INBOUND_MODE_ANNOTATION, ("permissive", "default"))
 
 
 def _identities(state: ClusterState, authn: MeshTLSAuthentication) -> tuple[str, ...]:

@@ -5,8 +5,9 @@ logged and counted once while it lasts."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from nodemesh.errors import ConfigError
 from nodemesh.model import ClusterState, Object, ObjectKey, describe
@@ -57,14 +58,29 @@ def merge_sources(files: Mapping[str, SourceObjects], trust_domain: str) -> tupl
             del objects[bad]
 
 
-class RejectionLog:
-    """The rejected objects of a source (file or Kubernetes): each distinct problem is logged and
-    counted once, while it lasts; `errors` is what the current state leaves out."""
+class StateSource:
+    """The shared half of the file and Kubernetes sources: their parts merged into one valid state,
+    each new state handed to `on_state`, and each distinct rejection logged and counted once, while
+    it lasts (`errors` is what the current state leaves out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_state: Callable[[ClusterState], Any], trust_domain: str) -> None:
+        self._on_state = on_state
+        self.trust_domain = trust_domain
+        self.state: ClusterState | None = None
         self._known_errors: set[str] = set()
         self.errors_total = 0  # rejected files/objects, each counted once per distinct problem
         self.errors: list[ConfigError] = []  # the problems in the current contents
+
+    def _publish(self, sources: Mapping[str, SourceObjects]) -> bool:
+        """Merges `sources`, reports what was rejected, and hands on the state if it changed
+        (returns True then)."""
+        state, errors = merge_sources(sources, self.trust_domain)
+        self._report(errors)
+        if state == self.state:
+            return False
+        self.state = state
+        self._on_state(state)
+        return True
 
     def _report(self, errors: list[ConfigError]) -> None:
         self.errors = errors

@@ -112,9 +112,15 @@ class _Flow:
 
 
 class _FlowProtocol(asyncio.Protocol):
-    """Write backpressure and connection loss for a protocol that owns a `_Flow` (server or client)."""
+    """Connection start, write backpressure and connection loss for a protocol that owns a `_Flow`
+    (server or client)."""
 
     flow: _Flow
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.flow.transport = transport  # type: ignore[assignment]
+        self.flow.conn.initiate_connection()
+        self.flow.flush()
 
     def pause_writing(self) -> None:
         self.flow.writable.clear()
@@ -140,11 +146,6 @@ class _ServerConn(_FlowProtocol):
         self.flow = _Flow(self.conn)
         self.streams: dict[int, asyncio.Queue[tuple[str, object]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.flow.transport = transport  # type: ignore[assignment]
-        self.conn.initiate_connection()
-        self.flow.flush()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -315,11 +316,6 @@ class H2Client(_FlowProtocol):
         else:
             _, proto = await loop.create_connection(cls, host, port)
         return proto
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.flow.transport = transport  # type: ignore[assignment]
-        self.conn.initiate_connection()
-        self.flow.flush()
 
     def data_received(self, data: bytes) -> None:
         try:
